@@ -332,7 +332,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}"
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}"
                           f" (known in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))})")
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
@@ -356,6 +356,12 @@ def _coerce(name: str, value: Any, hint: type) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return int(value)
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot or sign ("1e-3", "5e4") as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
