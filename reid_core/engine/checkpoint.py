@@ -1,0 +1,76 @@
+"""Atomic checkpoint files and random-number-generator state capture.
+
+A checkpoint is one ``torch.save`` file. :func:`resolve_path` accepts a file path or a directory
+(then the file is ``<dir>/checkpoint.pt``), so a Ray Train checkpoint directory can hold it as is.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or ``path/checkpoint.pt`` when ``path`` is an existing directory."""
+    path = Path(path)
+    return path / CHECKPOINT_FILE if path.is_dir() else path
+
+
+def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` through a temporary file in the same folder and a rename,
+    so a reader never sees a half-written checkpoint. Returns the file written."""
+    path = resolve_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_atomic` onto the CPU."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # weights_only=False: the file holds numpy and python RNG states besides tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every generator training draws from: torch (CPU and CUDA), numpy, python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a state captured by :func:`rng_state` (CUDA only where both sides have it)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (all devices), numpy and python's ``random``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
