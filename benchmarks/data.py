@@ -64,7 +64,15 @@ def _loader_rate(dataset, cfg: DataConfig, batches: int) -> float:
 
 
 def run(quick: bool = False) -> dict[str, float]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like a DataLoader worker; the main process of a trainer is busy training
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool) -> dict[str, float]:
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="moreid-bench-data-") as tmp_dir:
         tmp = Path(tmp_dir)
