@@ -1,0 +1,419 @@
+"""The results module (study/results) and the paper's numbers (study/paper.py).
+
+Fixtures are results.csv files written here with the full column contract of docs/architecture.md
+("Study outputs"): the bookkeeping and metric columns, then every key of ``flatten(Config())``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reid_core.config import Config, flatten
+from study.paper import PAPER
+from study.results import (TABLE_NAMES, ResultsError, TableError, applies, build_table, build_tables,
+                           load_results, render, report_tables, write_plots, write_report)
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("mAP", "R1", "R5", "R10", "mINP")
+# The column order of results.csv, exactly as docs/architecture.md lists it.
+HEADER = ["study", "trial_id", "status", "epochs", *(f"final_{m}" for m in METRICS),
+          *(f"best_{m}" for m in METRICS), "best_epoch", "cmc", "searched", *flatten(Config())]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def trial(trial_id: str, mAP: float | None, cfg: dict | None = None, *, status: str = "TERMINATED",
+          study: str = "s", final: float | None = None) -> dict:
+    """One results.csv row: best_R1 = mAP + 10, best_R5 = +15, best_R10 = +17, best_mINP = -20; final_* the
+    same offsets from ``final`` (default mAP - 1). ``mAP`` None: a trial that was never evaluated."""
+    cfg = dict(cfg or {})
+    row = {"study": study, "trial_id": trial_id, "status": status, "epochs": 4 if mAP is not None else 0,
+           "best_epoch": 4 if mAP is not None else "", "searched": ";".join(sorted(cfg))}
+    offsets = {"mAP": 0, "R1": 10, "R5": 15, "R10": 17, "mINP": -20}
+    final = (mAP - 1 if mAP is not None else None) if final is None else final
+    for m, offset in offsets.items():
+        row[f"best_{m}"] = "" if mAP is None else mAP + offset
+        row[f"final_{m}"] = "" if final is None else final + offset
+    row["cmc"] = "" if mAP is None else json.dumps([min(100.0, mAP + 10 + 2 * r) for r in range(20)])
+    row.update(flatten(Config().replace(cfg)))
+    return row
+
+
+def write_study(folder: Path, rows: list[dict], *, header: list[str] = HEADER) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+VERI = {"data.dataset": "veri776"}
+HE_MOREID = {"loss.name": "he", "framework.name": "moreid"}
+
+
+def seeds(prefix: str, values: list[float], cfg: dict, **kwargs) -> list[dict]:
+    return [trial(f"{prefix}{i}", v, {**cfg, "train.seed": i}, **kwargs) for i, v in enumerate(values)]
+
+
+# ---- cells: seeds, dashes, paper numbers, differences ----------------------------------------------------
+
+def test_loss_comparison_mean_std_over_seeds_and_dashes(tmp_path):
+    rows = (seeds("he", [80.0, 82.0, 84.0], {**VERI, **HE_MOREID})
+            + [trial("tb", 70.0, {**VERI, "loss.name": "triplet", "framework.name": "baseline"})]
+            + [trial("err", None, {**VERI, "loss.name": "npair", "framework.name": "baseline"}, status="ERROR")]
+            + [trial("run", 99.0, {**VERI, "loss.name": "npair", "framework.name": "moreid"}, status="RUNNING")])
+    frame = load_results(write_study(tmp_path / "a", rows))
+    table = build_table("loss_comparison", frame)
+    he = table.cell(("HE", "MoReID"), "mAP")
+    assert (he.n, he.mean, he.std) == (3, 82.0, 2.0)
+    assert he.ours_text() == "82.00 ± 2.00 (n=3)"
+    assert table.cell(("HE", "MoReID"), "R1").mean == 92.0
+    single = table.cell(("Triplet", "Baseline"), "mAP")
+    assert (single.n, single.mean, single.std, single.ours_text()) == (1, 70.0, None, "70.00")
+    # The ERROR trial and the RUNNING one never count: their cells are dashes, and a note counts them.
+    for row in (("N-pair", "Baseline"), ("N-pair", "MoReID"), ("Ranked List", "MoReID")):
+        cell = table.cell(row, "mAP")
+        assert cell.mean is None and cell.n == 0 and cell.ours_text() == "—"
+    assert any("1 ERROR, 1 RUNNING" in note for note in table.notes)
+    # The main paper's numbers are not in our hands: every reference cell is a dash, and a note says so.
+    assert all(cell.paper is None and cell.diff is None for row in table.rows for cell in row.cells)
+    assert any(PAPER.missing["loss_comparison"] in note for note in table.notes)
+    assert table.trials == 4
+
+
+def test_past_positives_paper_column_and_difference_on_veri776(tmp_path):
+    rows = (seeds("a", [83.0, 84.0], {**VERI, **HE_MOREID, "framework.momentum": 0.997})
+            + [trial("b", 80.0, {**VERI, **HE_MOREID, "framework.momentum": 0.995,
+                                 "framework.include_past_positives": True})])
+    table = build_table("past_positives", load_results(write_study(tmp_path / "s", rows)))
+    assert table.dataset == "veri776" and table.reference_label == "VeRi-776 (paper)"
+    ours = table.cell("✗ (paper's method)", "m = 0.997")
+    assert ours.paper == 83.3 and ours.mean == 83.5 and ours.std == pytest.approx(math.sqrt(0.5))
+    assert ours.diff == pytest.approx(0.2) and ours.diff_text() == "+0.20"
+    past = table.cell("✓", "m = 0.995")
+    assert (past.paper, past.mean, past.diff_text()) == (80.6, 80.0, "-0.60")
+    empty = table.cell("✓", "m = 0.999")
+    assert empty.paper == 81.3 and empty.mean is None and empty.diff is None
+    # Every reference number is the one in study/paper.py.
+    for (m, include), ref in PAPER.past_positives.items():
+        label = "✓" if include else "✗ (paper's method)"
+        assert table.cell(label, f"m = {m:g}").paper == ref.value
+
+
+def test_other_dataset_keeps_reference_labelled_and_computes_no_difference(tmp_path):
+    rows = [trial("t", 60.0, {"data.dataset": "synthetic", **HE_MOREID}),
+            trial("c", 58.0, {"data.dataset": "synthetic", **HE_MOREID, "loss.distance": "cosine"})]
+    table = build_table("similarity", load_results(write_study(tmp_path / "s", rows)))
+    assert table.dataset == "synthetic"
+    assert table.reference_label == "VeRi-776 (paper)" and table.ours_label == "ours (synthetic)"
+    euclid = table.cell(("HE", "euclidean"), "mAP")
+    assert (euclid.paper, euclid.mean, euclid.diff) == (83.3, 60.0, None)
+    assert table.cell(("HE", "cosine"), "mAP").mean == 58.0
+    assert table.cell(("Triplet", "any"), "mAP").paper == 79.4
+    assert "ours are on synthetic, so Δ is not computed" in table.caption
+
+
+def test_best_configuration_is_chosen_and_named_and_unused_knobs_do_not_split_seeds(tmp_path):
+    rows = (seeds("lo", [60.0, 62.0], {**VERI, **HE_MOREID, "loss.slack": 0.1})
+            + seeds("hi", [64.0, 66.0], {**VERI, **HE_MOREID, "loss.slack": 0.2})
+            # loss.k is an N-pair knob: for the triplet loss these two are seeds of one configuration.
+            + [trial("t0", 50.0, {**VERI, "loss.name": "triplet", "loss.k": 3, "train.seed": 0}),
+               trial("t1", 52.0, {**VERI, "loss.name": "triplet", "loss.k": 9, "train.seed": 1})])
+    table = build_table("loss_comparison", load_results(write_study(tmp_path / "s", rows)))
+    he = table.cell(("HE", "MoReID"), "mAP")
+    assert (he.mean, he.n, he.values) == (65.0, 2, (64.0, 66.0))
+    assert table.cell(("HE", "MoReID"), "R1").mean == 75.0  # R1 of the same chosen configuration
+    assert he.note is not None
+    assert table.notes[he.note - 1] == ("HE / MoReID: best of 2 configurations by mean best_mAP: "
+                                        "loss.slack=0.2.")
+    triplet = table.cell(("Triplet", "MoReID"), "mAP")
+    assert (triplet.n, triplet.mean, triplet.note) == (2, 51.0, None)
+
+
+def test_final_metric_uses_the_last_evaluation(tmp_path):
+    rows = [trial("t", 80.0, {**VERI, **HE_MOREID}, final=75.0)]
+    frame = load_results(write_study(tmp_path / "s", rows))
+    assert build_table("loss_comparison", frame, metric="final").cell(("HE", "MoReID"), "mAP").mean == 75.0
+    assert build_table("loss_comparison", frame).cell(("HE", "MoReID"), "mAP").mean == 80.0
+    with pytest.raises(ResultsError, match="metric must be one of best, final"):
+        build_table("loss_comparison", frame, metric="last")
+
+
+def test_stopped_trials_count_and_unevaluated_ones_do_not(tmp_path):
+    rows = [trial("a", 70.0, {**VERI, **HE_MOREID}, status="STOPPED"),
+            trial("b", None, {**VERI, **HE_MOREID, "train.seed": 1}, status="TERMINATED")]
+    table = build_table("loss_comparison", load_results(write_study(tmp_path / "s", rows)))
+    assert table.cell(("HE", "MoReID"), "mAP").n == 1
+    assert any("1 TERMINATED without best_mAP" in note for note in table.notes)
+
+
+def test_backbone_gain_against_the_paper(tmp_path):
+    plain = {**VERI, "framework.name": "moreid", "data.autoaug": False, "model.ibn": False,
+             "model.non_local": False}
+    rows = [trial("t", 70.0, {**plain, "loss.name": "triplet"}), trial("h", 75.0, {**plain, "loss.name": "he"})]
+    table = build_table("backbone", load_results(write_study(tmp_path / "s", rows)))
+    gain = table.cell(("✗", "✗", "✗"), "HE gain")
+    assert (gain.mean, gain.paper) == (5.0, 2.5) and gain.diff == pytest.approx(2.5)
+    assert (gain.ours_text(), gain.paper_text(), gain.diff_text()) == ("+5.00", "+2.5", "+2.50")
+    assert table.cell(("✓", "✓", "✓"), "HE").paper == 83.3
+    assert table.cell(("✓", "✓", "✓"), "HE gain").mean is None
+
+
+def test_two_study_folders_are_combined(tmp_path):
+    a = write_study(tmp_path / "veri", seeds("v", [80.0, 81.0], {**VERI, **HE_MOREID}, study="veri"))
+    b = write_study(tmp_path / "market", [trial("m", 70.0, {"data.dataset": "market1501", **HE_MOREID},
+                                                study="market")])
+    frame = load_results([a, b, a])  # the same folder twice is read once
+    assert len(frame) == 3
+    table = build_table("datasets", frame)
+    assert table.cell("VeRi-776", "mAP").mean == 80.5 and table.cell("VeRi-776", "mINP").mean == 60.5
+    assert table.cell("Market-1501", "R5").mean == 85.0
+    assert table.cell("VeRi-Wild large", "mAP").ours_text() == "—"
+    assert all(cell.paper is None for row in table.rows for cell in row.cells)
+    per_dataset = build_tables("loss_comparison", frame)
+    assert [t.dataset for t in per_dataset] == ["veri776", "market1501"]
+    assert per_dataset[1].cell(("HE", "MoReID"), "mAP").mean == 70.0
+
+
+def test_sweep_tables_and_which_tables_a_report_shows(tmp_path):
+    rows = []
+    for k, v in ((5, 40.0), (15, 44.0), (25, 42.0)):
+        rows.append(trial(f"k{k}", v, {**VERI, "loss.name": "npair", "loss.k": k, "framework.name": "baseline"}))
+    for a, b, v in ((1.2, 0.4, 50.0), (1.2, 0.8, 48.0), (1.6, 0.4, 47.0)):
+        rows.append(trial(f"r{a}{b}", v, {**VERI, "loss.name": "ranked_list", "loss.alpha": a, "loss.beta": b,
+                                          "framework.name": "baseline"}))
+    rows.append(trial("d", 60.0, {**VERI, **HE_MOREID, "framework.dict_size": 1024}))
+    frame = load_results(write_study(tmp_path / "s", rows))
+    npair = build_table("npair_k", frame)
+    assert [r.labels[0] for r in npair.rows] == ["5", "15 (paper's optimum)", "25"]
+    assert npair.cell("15 (paper's optimum)", "Baseline").mean == 44.0
+    assert npair.cell("5", "MoReID").ours_text() == "—"
+    assert not npair.show_reference and npair.points == 3 and applies(npair)
+    assert any("Baseline: k = 15 (mAP 44.00)" in note for note in npair.notes)
+    ranked = build_table("ranked_list", frame)
+    assert ranked.columns == ["β = 0.4", "β = 0.8"]
+    assert [r.labels for r in ranked.rows] == [("Baseline", "1.2"), ("Baseline", "1.6")]
+    assert ranked.cell(("Baseline", "1.2"), "β = 0.8").mean == 48.0
+    assert ranked.cell(("Baseline", "1.6"), "β = 0.8").mean is None
+    assert ranked.points == 3
+    dictionary = build_table("dictionary_size", frame)
+    assert dictionary.points == 1 and not applies(dictionary)  # one size is not a sweep
+    names = [t.name for t in report_tables(frame)]
+    assert names == ["loss_comparison", "past_positives", "similarity", "backbone", "datasets", "npair_k",
+                     "ranked_list"]
+
+
+def test_unknown_table_and_dataset_are_errors(tmp_path):
+    frame = load_results(write_study(tmp_path / "s", [trial("t", 1.0)]))
+    with pytest.raises(TableError, match="known tables: loss_comparison, past_positives"):
+        build_table("losses", frame)
+    with pytest.raises(TableError, match="unknown dataset 'veri'"):
+        build_table("similarity", frame, dataset="veri")
+
+
+# ---- the paper's numbers live in study/paper.py only ---------------------------------------------------
+
+def test_paper_numbers_appear_in_no_other_module():
+    numbers = {f"{ref.value:.1f}" for refs in (PAPER.past_positives, PAPER.similarity, PAPER.backbone)
+               for ref in refs.values()}
+    assert "83.3" in numbers and len(numbers) >= 12
+    pattern = re.compile(r"(?<![\d.])(" + "|".join(re.escape(n) for n in sorted(numbers)) + r")(?![\d])")
+    offenders = []
+    for path in sorted((ROOT / "study").rglob("*.py")):
+        if path.name == "paper.py":
+            continue
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line.split("#")[0]):
+                offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_paper_values_match_the_supplementary():
+    """Transcribed by hand from the supplementary (sections B-E), as an independent check of paper.py."""
+    c = {(0.995, True): 80.6, (0.997, True): 80.7, (0.999, True): 81.3,
+         (0.995, False): 82.4, (0.997, False): 83.3, (0.999, False): 83.0}
+    d = {("triplet", None): 79.4, ("he", "cosine"): 82.9, ("he", "euclidean"): 83.3}
+    e = {(False, False, False): (77.7, 80.2), (False, True, True): (79.4, 83.2), (True, False, True): (78.6, 82.1),
+         (True, True, False): (78.7, 82.8), (True, True, True): (79.7, 83.3)}
+    assert {k: r.value for k, r in PAPER.past_positives.items()} == c
+    assert {k: r.value for k, r in PAPER.similarity.items()} == d
+    assert {k: r.value for k, r in PAPER.backbone.items()} == {
+        (*combo, loss): value for combo, pair in e.items() for loss, value in zip(("triplet", "he"), pair)}
+    assert {r.source for r in PAPER.backbone.values()} == {"supplementary E"}
+    assert dict(PAPER.npair_optimum.params) == {"loss.k": 15}
+    assert dict(PAPER.ranked_list_optimum.params) == {"loss.alpha": 1.2, "loss.beta": 0.4}
+    assert (PAPER.dataset, PAPER.metric) == ("veri776", "mAP")
+
+
+# ---- rendering -----------------------------------------------------------------------------------------
+
+def _demo_frame(tmp_path: Path):
+    rows = (seeds("he", [80.0, 82.0, 84.0], {**VERI, **HE_MOREID})
+            + [trial("t", 70.5, {**VERI, "loss.name": "triplet", "framework.name": "moreid"})])
+    return load_results(write_study(tmp_path / "demo", rows))
+
+
+def test_markdown_csv_and_latex(tmp_path):
+    frame = _demo_frame(tmp_path)
+    tables = [build_table("similarity", frame), build_table("loss_comparison", frame)]
+    md = render(tables, "md", "# header")
+    assert md.startswith("# header\n")
+    assert "| Loss | Distance | mAP: VeRi-776 (paper) | mAP: ours (VeRi-776) | mAP: Δ |" in md
+    assert "| HE | euclidean | 83.3 | 82.00 ± 2.00 (n=3) | -1.30 |" in md
+    assert "| Triplet | any | 79.4 | 70.50 | -8.90 |" in md
+    assert "| HE | cosine | 82.9 | — | — |" in md
+    assert "| N-pair | Baseline | — | — | — | — | — | — |" in md
+
+    lines = list(csv.DictReader(io.StringIO(render(tables, "csv"))))
+    assert set(lines[0]) == {"table", "dataset", "row", "column", "reference", "ours_mean", "ours_std", "n",
+                             "diff", "note"}
+    he = next(r for r in lines if r["table"] == "similarity" and r["row"] == "HE / euclidean")
+    assert (he["reference"], he["ours_mean"], he["ours_std"], he["n"], he["diff"]) == ("83.3", "82", "2", "3", "-1.3")
+    cosine = next(r for r in lines if r["table"] == "similarity" and r["row"] == "HE / cosine")
+    assert (cosine["ours_mean"], cosine["n"], cosine["diff"]) == ("", "", "")
+    assert len([r for r in lines if r["table"] == "loss_comparison"]) == 16
+
+    tex = render(tables, "latex")
+    assert tex.count(r"\begin{tabular}") == 2 and tex.count(r"\end{table}") == 2
+    assert r"82.00 $\pm$ 2.00 (n=3)" in tex and r"$\Delta$" in tex and "---" in tex
+    assert r"\multicolumn{3}{c}{mAP}" in tex
+    assert "%" not in tex.replace(r"\%", "")  # every percent sign escaped
+    with pytest.raises(ValueError, match="known formats: md, csv, latex"):
+        render(tables, "html")
+
+
+# ---- results.md and plots -------------------------------------------------------------------------------
+
+def _sweep_rows() -> list[dict]:
+    rows = []
+    for m in (0.995, 0.997, 0.999):
+        for include in (True, False):
+            rows += seeds(f"p{m}{include}", [60.0 + 100 * (m - 0.99) + (0 if include else 2), 61.0],
+                          {**HE_MOREID, "framework.momentum": m, "framework.include_past_positives": include})
+    for k in (5, 15):
+        for fw in ("baseline", "moreid"):
+            rows.append(trial(f"k{k}{fw}", 40.0 + k, {"loss.name": "npair", "loss.k": k, "framework.name": fw}))
+    for a, b in ((1.0, 0.2), (1.2, 0.4), (1.4, 0.4)):
+        rows.append(trial(f"r{a}{b}", 30.0 + 10 * a * b, {"loss.name": "ranked_list", "loss.alpha": a,
+                                                          "loss.beta": b}))
+    for size in (256, 1024, 4096):
+        rows.append(trial(f"d{size}", 50.0 + size / 1024, {"loss.name": "triplet", "framework.dict_size": size}))
+    rows.append(trial("err", None, {"loss.name": "he"}, status="ERROR"))
+    return rows
+
+
+def test_write_report_writes_every_table_and_valid_pngs(tmp_path):
+    study = write_study(tmp_path / "study", _sweep_rows())
+    out = write_report(study)
+    assert out == study / "results.md"
+    text = out.read_text()
+    assert "- Study `s`" in text and "1 ERROR" in text and "Datasets: synthetic" in text
+    for title in ("Past positives (supplementary C)", "N-pair loss: mAP against k", "Ranked List loss",
+                  "MoReID: mAP against dictionary size", "Loss x framework"):
+        assert title in text
+    expected = {"past_positives", "npair_k", "ranked_list", "dictionary_size", "cmc"}
+    plots = {p.stem: p for p in (study / "plots").glob("*.png")}
+    assert set(plots) == expected
+    for path in plots.values():
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+        assert f"](plots/{path.name})" in text
+
+
+def test_write_report_with_no_counted_trial_still_writes(tmp_path):
+    study = write_study(tmp_path / "s", [trial("e", None, status="ERROR"), trial("r", None, status="RUNNING")])
+    out = write_report([study], out=tmp_path / "elsewhere" / "report.md", plots_dir=tmp_path / "p")
+    text = out.read_text()
+    assert "No counted trial matches a table yet." in text and "1 ERROR, 1 RUNNING" not in text
+    assert "2 trial(s): 1 RUNNING, 1 ERROR" in text
+    assert not list((tmp_path / "p").glob("*.png"))
+
+
+def test_write_plots_names_files_per_dataset_when_several(tmp_path):
+    rows = [trial(f"{d}{m}", 50.0, {"data.dataset": d, **HE_MOREID, "framework.momentum": m})
+            for d in ("veri776", "market1501") for m in (0.995, 0.999)]
+    frame = load_results(write_study(tmp_path / "s", rows))
+    written = write_plots(build_tables("past_positives", frame), frame, tmp_path / "plots")
+    assert sorted(p.name for p in written) == ["cmc.png", "past_positives_market1501.png",
+                                               "past_positives_veri776.png"]
+
+
+# ---- the column contract and bad input ------------------------------------------------------------------
+
+def test_full_column_contract_is_read_with_types(tmp_path):
+    """A results.csv with exactly the documented columns, booleans written in lower case."""
+    assert HEADER[:3] == ["study", "trial_id", "status"] and HEADER[-len(flatten(Config())):] == list(flatten(Config()))
+    rows = [trial("t", 77.0, {**VERI, **HE_MOREID, "data.autoaug": True, "model.ibn": True,
+                              "model.non_local": True})]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HEADER)
+    writer.writeheader()
+    writer.writerows(rows)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "results.csv").write_text(buffer.getvalue().replace("True", "true").replace("False", "false"))
+    frame = load_results(folder)
+    assert list(frame.columns[:len(HEADER)]) == HEADER
+    row = frame.iloc[0]
+    assert row["data.autoaug"] is True and row["framework.include_past_positives"] is False
+    assert row["framework.momentum"] == 0.997 and row["loss.k"] == 15 and row["data.dataset"] == "veri776"
+    assert row["best_mAP"] == 77.0 and json.loads(row["cmc"])[0] == 87.0
+    table = build_table("backbone", frame)
+    assert table.cell(("✓", "✓", "✓"), "HE").diff == pytest.approx(77.0 - 83.3)
+    assert all(build_tables(name, frame) for name in TABLE_NAMES)
+
+
+def test_bad_results_files_are_named(tmp_path):
+    with pytest.raises(ResultsError, match=r"study folder .*empty has no results.csv"):
+        load_results((tmp_path / "empty").mkdir() or tmp_path / "empty")
+    with pytest.raises(ResultsError, match="study folder not found"):
+        load_results(tmp_path / "nowhere")
+    write_study(tmp_path / "short", [trial("t", 1.0)], header=[h for h in HEADER if h != "best_R5"])
+    with pytest.raises(ResultsError, match=r"short/results.csv lacks the column\(s\) best_R5"):
+        load_results(tmp_path / "short")
+    bad = trial("t", 1.0)
+    bad["model.ibn"] = "maybe"
+    write_study(tmp_path / "bad", [bad])
+    with pytest.raises(ResultsError, match="column model.ibn holds 'maybe'"):
+        load_results(tmp_path / "bad")
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "study.results", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_happy_path(tmp_path):
+    study = write_study(tmp_path / "study", _sweep_rows())
+    out = tmp_path / "c.csv"
+    done = _cli(str(study), "--table", "past_positives", "--format", "csv", "--out", str(out),
+                "--plots", str(tmp_path / "plots"))
+    assert done.returncode == 0, done.stderr
+    lines = list(csv.DictReader(out.open()))
+    cell = next(r for r in lines if r["row"] == "✓" and r["column"] == "m = 0.995")
+    assert (cell["reference"], cell["ours_mean"], cell["n"]) == ("80.6", "60.75", "2")
+    assert (tmp_path / "plots" / "past_positives.png").read_bytes()[:8] == PNG_MAGIC
+    done = _cli(str(study), "--format", "md")
+    assert done.returncode == 0 and done.stdout.startswith("# Study results")
+    assert "## N-pair loss" in done.stdout
+
+
+def test_cli_errors_exit_2_without_traceback(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    done = _cli(str(tmp_path / "nothing"))
+    assert done.returncode == 2 and "has no results.csv" in done.stderr and str(tmp_path / "nothing") in done.stderr
+    assert "Traceback" not in done.stderr
+    study = write_study(tmp_path / "s", [trial("t", 1.0)])
+    done = _cli(str(study), "--table", "losses")
+    assert done.returncode == 2 and "unknown table 'losses'" in done.stderr
+    assert all(name in done.stderr for name in TABLE_NAMES) and "Traceback" not in done.stderr
