@@ -349,32 +349,14 @@ def build_table(name: str, frame: pd.DataFrame, *, dataset: str | None = None, m
         reference_label=f"{PAPER.dataset_label} (paper)" if dataset else "paper",
         ours_label=f"ours ({data_label})" if dataset else "ours",
         caption=_caption(spec, kind, dataset, comparable), trials=len(usable))
-    selections: dict[tuple, int | None] = {}  # (row, where) -> note number, one note per selection
+    notes_by_selection: dict[tuple, int] = {}  # one footnote per (row, column conditions) selection
     for row in spec.rows:
         cells: list[Cell] = []
         for col in spec.columns:
             ref = spec.paper(row.key, col.key)
-            if col.derived:
-                cells.append(Cell(paper=None if ref is None else ref.value, derived=True))
-                continue
-            where = {**row.where, **col.where}
-            selection = select(usable[where_mask(usable, where)], kind)
-            cell = Cell(paper=None if ref is None else ref.value)
-            if selection is not None:
-                values = selection.values(f"{kind}_{col.metric}")
-                if len(values):
-                    cell.values = tuple(float(v) for v in values)
-                    cell.n = len(values)
-                    cell.mean = float(np.mean(values))
-                    cell.std = float(np.std(values, ddof=1)) if len(values) >= 2 else None
-                if selection.n_configs > 1:
-                    marker = (row.labels, tuple(sorted(col.where.items())))
-                    if marker not in selections:
-                        label = " / ".join(row.labels + ((col.label,) if col.where else ()))
-                        table.notes.append(f"{label}: best of {selection.n_configs} configurations by mean "
-                                           f"{kind}_mAP: {describe(selection.differing)}.")
-                        selections[marker] = len(table.notes)
-                    cell.note = selections[marker]
+            cell = Cell(paper=None if ref is None else ref.value, derived=col.derived is not None)
+            if not cell.derived:
+                _fill(cell, usable, row, col, kind, table.notes, notes_by_selection)
             cells.append(cell)
         for index, col in enumerate(spec.columns):
             if col.derived:
@@ -390,6 +372,28 @@ def build_table(name: str, frame: pd.DataFrame, *, dataset: str | None = None, m
     table.notes.extend(_best_notes(name, table))
     table.points = _points(name, table)
     return table
+
+
+def _fill(cell: Cell, usable: pd.DataFrame, row: _RowSpec, col: _ColSpec, kind: str, notes: list[str],
+          notes_by_selection: dict[tuple, int]) -> None:
+    """Our value of one cell: the seeds of the best configuration among the trials meeting row and column."""
+    selection = select(usable[where_mask(usable, {**row.where, **col.where})], kind)
+    if selection is None:
+        return
+    values = selection.values(f"{kind}_{col.metric}")
+    if len(values):
+        cell.values = tuple(float(v) for v in values)
+        cell.n = len(values)
+        cell.mean = float(np.mean(values))
+        cell.std = float(np.std(values, ddof=1)) if len(values) >= 2 else None
+    if selection.n_configs > 1:
+        marker = (row.labels, tuple(sorted(col.where.items())))
+        if marker not in notes_by_selection:
+            label = " / ".join(row.labels + ((col.label,) if col.where else ()))
+            notes.append(f"{label}: best of {selection.n_configs} configurations by mean {kind}_mAP: "
+                         f"{describe(selection.differing)}.")
+            notes_by_selection[marker] = len(notes)
+        cell.note = notes_by_selection[marker]
 
 
 def build_tables(name: str, frame: pd.DataFrame, *, metric: str = "best") -> list[Table]:
