@@ -1,0 +1,367 @@
+"""Run a hyperparameter study: ``python -m study.run <space> [options]``.
+
+``<space>`` names a file in ``search_spaces/`` (``quickstart``) or is a path to a YAML file. The study
+lives in ``<storage>/<study name>/``: Ray Tune's experiment (one folder per trial, checkpoints included),
+``results.csv`` (one row per trial), ``tensorboard/<trial_id>/`` (scalars + HParams), ``study.json`` (the
+space as run, for ``--resume``) and, at the end, ``results.md`` and ``plots/`` (``study.results``).
+
+Examples::
+
+    python -m study.run quickstart                       # the demo: 8 small trials on synthetic data
+    python -m study.run npair_k --dry-run                # validate and print the trial plan
+    python -m study.run ranked_list --data-root /data/VeRi --storage s3://bucket/studies --address auto
+    python -m study.run ranked_list --resume             # carry on after the driver was killed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from study.space import SearchSpace, SpaceError, load_space, parse_space, resolve_path, validate_plan
+from study.storage import DEFAULT_STORAGE, StudyStorage, is_uri
+
+STUDY_FILE = "study.json"
+FAIL_HOOK_ENV = "MOREID_STUDY_FAIL_AT_EPOCH"  # tests: "<epoch>:<marker file>", a worker dies once
+# Tune writes its experiment state at most this often (seconds); small so that a killed driver loses
+# little (the state of a few trials is a few kB).
+TUNE_CHECKPOINT_S = "2"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("Examples::")[1])
+    p.add_argument("space", help="a search space name (file in search_spaces/) or a path to a YAML file")
+    p.add_argument("--dataset", help="override data.dataset of the space's base config")
+    p.add_argument("--data-root", help="override data.root (the dataset folder, on every node)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"folder or URI (s3://, gs://, ...) holding studies (default: ./{DEFAULT_STORAGE})")
+    p.add_argument("--name", help="study name (default: the space's name); the folder is <storage>/<name>")
+    p.add_argument("--num-samples", type=int, help="trials per grid cell (Optuna: proposals per cell)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers (DDP processes) per trial")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU training with gloo)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
+    p.add_argument("--address", help="an existing Ray cluster (e.g. auto, 10.0.0.1:6379); default: start a local one")
+    p.add_argument("--resume", action="store_true", help="resume the study in <storage>/<name> without re-running finished trials")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the base (loss.margin=0.2; pins a searched key) or a space "
+                        "setting (scheduler.grace_epochs=2, seeds=[0,1], searcher.seed=3); repeatable")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trial plan; train nothing")
+    return p
+
+
+# ---- space and plan -------------------------------------------------------------------------------------
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.set)
+    if args.dataset:
+        out.append(f"data.dataset={args.dataset}")
+        if not args.data_root:
+            out.append("data.root=")  # the space's root belongs to its own dataset
+    if args.data_root:
+        root = args.data_root if is_uri(args.data_root) else str(Path(args.data_root).expanduser().resolve())
+        out.append(f"data.root={root}")
+    if args.num_samples is not None:
+        out.append(f"num_samples={args.num_samples}")
+    return out
+
+
+def _resources(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_concurrent": args.max_concurrent, "workers_per_trial": args.workers_per_trial,
+            "gpus_per_worker": args.gpus_per_worker, "cpus_per_worker": args.cpus_per_worker}
+
+
+def check_data(space: SearchSpace) -> None:
+    """Real datasets need a root; relative roots are resolved (trial workers run in other folders)."""
+    dataset, root = space.base["data.dataset"], space.base["data.root"]
+    if dataset != "synthetic" and not root:
+        raise SpaceError(f"{space.source}: data.root is empty for dataset {dataset}: give --data-root")
+    if root and not is_uri(root) and not Path(root).is_absolute():
+        space.base["data.root"] = str(Path(root).resolve())
+
+
+def print_plan(space: SearchSpace, trials: list, limit: int = 40) -> None:
+    print(space.describe())
+    print(f"  data: {space.base['data.dataset']}"
+          + (f" at {space.base['data.root']}" + ("" if Path(space.base['data.root']).exists() else
+                                                 " (not found on this machine: it must exist on the workers)")
+             if space.base["data.root"] else " (generated into the cache)")
+          + f", {space.epochs} epochs, eval every {space.base['train.eval_period']}")
+    print(f"trial plan ({len(trials)} trials):")
+    sampled = [p.name for p in space.sampled_params] if space.searcher == "optuna" else []
+    for index, trial in enumerate(trials[:limit]):
+        values = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items()) or "(base config)"
+        tail = f"  + Optuna TPE picks {', '.join(sampled)}" if sampled else ""
+        print(f"  {index:3d}  cell {trial.cell:2d}  {values}{tail}")
+    if len(trials) > limit:
+        print(f"  ... {len(trials) - limit} more")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ---- Ray ------------------------------------------------------------------------------------------------
+
+def init_ray(address: str | None) -> bool:
+    """Connect to ``address`` or start a local Ray with its dashboard on. Returns whether this process
+    started Ray.
+
+    Ray Train's placement-group cleaner asks the State API (served by the dashboard) whether a trial's
+    Train controller is still alive; without an answer, a trial that Tune stops early (ASHA) never gives
+    its workers' resources back and the next trial waits forever. Its client finds the dashboard by
+    auto-detection, which fails when this machine runs more than one Ray instance ("Found multiple
+    active Ray instances"), so every process of the study is told the address explicitly through the
+    job's runtime environment (``RAY_API_SERVER_ADDRESS``).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", TUNE_CHECKPOINT_S)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own TensorBoard logger would put a second, differently keyed run in every trial folder;
+    # the study writes its own (tensorboard/<trial_id>/). The CSV and JSON loggers are passed explicitly.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    quiet = {"logging_level": logging.WARNING}
+    if address:
+        url = ray.init(address=address, **quiet).dashboard_url
+        ray.shutdown()  # only a connection: the cluster stays up
+        if not url:
+            raise SpaceError(f"the Ray cluster at {address} runs without its dashboard; start it with "
+                             f"--include-dashboard=true (and ray[default] installed): Ray Train needs it to "
+                             f"release the resources of trials stopped early")
+        ray.init(address=address, runtime_env={"env_vars": {API_SERVER_ENV: f"http://{url}"}}, **quiet)
+        return False
+    port = _free_port()
+    url = f"127.0.0.1:{port}"
+    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                       runtime_env={"env_vars": {API_SERVER_ENV: f"http://{url}"}}, **quiet)
+    if context.dashboard_url != url:
+        ray.shutdown()
+        raise RuntimeError(f"Ray's dashboard came up at {context.dashboard_url!r} instead of {url}; "
+                           f"run the study again (the port was taken meanwhile)")
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_local_resources(space: SearchSpace) -> None:
+    """On the local Ray, a trial that can never be placed is an error now rather than a hang later."""
+    import ray
+
+    total = ray.cluster_resources()
+    r = space.resources
+    need_cpu, need_gpu = r.workers_per_trial * r.cpus_per_worker, r.workers_per_trial * r.gpus_per_worker
+    if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
+        raise SpaceError(f"a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU ({r.workers_per_trial} worker(s) x "
+                         f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU) but this machine offers "
+                         f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU: lower --workers-per-trial, "
+                         f"--cpus-per-worker or --gpus-per-worker")
+
+
+def fail_hook() -> dict[str, Any] | None:
+    text = os.environ.get(FAIL_HOOK_ENV)
+    if not text:
+        return None
+    epoch, _, marker = text.partition(":")
+    if not epoch.isdigit() or not marker:
+        raise SpaceError(f"{FAIL_HOOK_ENV} must read '<epoch>:<marker file>', got {text!r}")
+    return {"epoch": int(epoch), "marker": marker}
+
+
+def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, address: str | None) -> int:
+    """Run (or resume) the study; prints progress and the final table. Returns the exit status."""
+    import ray
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR, Progress, ResultsCsv, TensorBoardHParams, TrialInfo
+    from study.searcher import StudySearcher
+    from study.trainable import TrialSetup, make_trainable
+
+    started = time.time()
+    started_ray = init_ray(address)
+    try:
+        if started_ray:
+            check_local_resources(space)
+        where = "started locally" if started_ray else f"at {address}"
+        print(f"Ray {where}: {_resource_line(ray.cluster_resources())}", flush=True)
+        if space.base["data.dataset"] == "synthetic" and not space.base["data.root"]:
+            from reid_core.config import Config
+            from reid_core.data import synthetic
+
+            cfg = Config().replace(space.base)
+            print(f"synthetic data: {synthetic.ensure(cfg.data.synthetic)}", flush=True)
+
+        r = space.resources
+        env = {k: os.environ[k] for k in ("MOREID_CACHE",) if os.environ.get(k)}
+        setup = TrialSetup(base=space.base, storage=storage.root, study=storage.name, workers=r.workers_per_trial,
+                           cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+                           worker_retries=space.retries.workers, eval_epochs=space.scheduler.milestones(),
+                           metric=space.metric, mode=space.mode, fail_hook=fail_hook(), worker_env=env)
+        trainable = make_trainable(setup)
+        if resume:
+            print(f"resuming the study in {storage.uri}", flush=True)
+            tuner = tune.Tuner.restore(storage.uri, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            info = TrialInfo(space.base, space.searched_keys)
+            total = space.total_trials()
+            callbacks = [ResultsCsv(storage, storage.name, info, space.epochs), TensorBoardHParams(storage, info),
+                         Progress(info, space.epochs, space.metric, total), CSVLoggerCallback(), JsonLoggerCallback()]
+            if space.scheduler.type == "asha":
+                scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs,
+                                          grace_period=space.scheduler.grace_epochs,
+                                          reduction_factor=space.scheduler.reduction_factor)
+            else:
+                scheduler = FIFOScheduler()
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=StudySearcher(space),
+                                            scheduler=scheduler, num_samples=total,
+                                            max_concurrent_trials=r.max_concurrent),
+                run_config=tune.RunConfig(name=storage.name, storage_path=storage.root, callbacks=callbacks,
+                                          failure_config=tune.FailureConfig(max_failures=space.retries.trials),
+                                          verbose=0),
+            )
+        grid = tuner.fit()
+        errors = sum(1 for result in grid if result.error is not None)
+        print_summary(space, storage, time.time() - started)
+        write_report(storage)
+        return 1 if errors else 0
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _resource_line(resources: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+
+
+def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float) -> None:
+    import pandas as pd
+
+    from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR
+
+    path = storage.path(RESULTS_FILE)
+    print(f"\nstudy {storage.name} done in {seconds / 60:.1f} min", flush=True)
+    if path.is_file():
+        table = pd.read_csv(path)
+        metric = f"best_{space.metric}"
+        short = {k: k.split(".")[-1] for k in space.searched_keys}
+        columns = ["trial_id", "status", "epochs", *space.searched_keys, f"final_{space.metric}", metric,
+                   "best_R1", "best_mINP", "best_epoch"]
+        shown = table[[c for c in columns if c in table.columns]].rename(columns=short)
+        shown = shown.sort_values(metric, ascending=space.mode == "min", na_position="last")
+        metrics = {c for c in shown.columns if c.startswith(("final_", "best_")) and c != "best_epoch"}
+        formatters = {c: (lambda v: "" if pd.isna(v) else f"{v:.2f}") if c in metrics else
+                      (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)) for c in shown.columns}
+        print(shown.to_string(index=False, formatters=formatters))
+    print(f"\nresults table : {storage.location(RESULTS_FILE)}")
+    print(f"TensorBoard   : {storage.location(TENSORBOARD_DIR)}   (tensorboard --logdir {storage.location(TENSORBOARD_DIR)})")
+    print(f"Tune folder   : {storage.uri}   (trials, checkpoints; resume with --resume)")
+    if storage.remote:
+        print(f"local copy    : {storage.local}")
+
+
+def write_report(storage: StudyStorage) -> None:
+    """``study.results.write_report`` (results.md and plots) when that module is present."""
+    try:
+        from study.results import write_report as report
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("study.results"):
+            print("results.md not written: the study.results module is not installed", flush=True)
+            return
+        raise
+    try:
+        path = report(storage.local)
+    except Exception:  # the study itself succeeded: report the failure loudly and keep the exit status
+        traceback.print_exc()
+        print(f"results.md NOT written: study.results.write_report({storage.local}) failed (traceback above)",
+              file=sys.stderr, flush=True)
+        return
+    for name in ("results.md", "plots"):
+        if storage.path(name).exists():
+            storage.upload(name)
+    print(f"report        : {storage.location(Path(path).name)}", flush=True)
+
+
+# ---- entry point ----------------------------------------------------------------------------------------
+
+def load_for_run(args: argparse.Namespace) -> tuple[SearchSpace, StudyStorage]:
+    """The space to run and its storage. A resumed study reads the space it was started with from
+    ``study.json`` (so edits to the YAML file in between do not change a running study)."""
+    if args.resume:
+        name = args.name or _space_name(args.space)
+        storage = StudyStorage(args.storage, name)
+        text = storage.read_text(STUDY_FILE)
+        if text is None:
+            raise SpaceError(f"nothing to resume: {storage.location(STUDY_FILE)} does not exist "
+                             f"(start the study without --resume)")
+        saved = json.loads(text)
+        space = parse_space(saved["space"], source=saved["source"], overrides=saved["overrides"],
+                            resources=saved["resources"])
+        return space, storage
+    space = load_space(args.space, _overrides(args), _resources(args))
+    storage = StudyStorage(args.storage, args.name or space.name)
+    return space, storage
+
+
+def _space_name(name_or_path: str) -> str:
+    raw = yaml.safe_load(resolve_path(name_or_path).read_text())
+    return raw.get("name") if isinstance(raw, dict) and raw.get("name") else Path(name_or_path).stem
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        space, storage = load_for_run(args)
+        check_data(space)
+        trials = validate_plan(space)
+    except SpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_plan(space, trials)
+    if args.dry_run:
+        print(f"dry run: nothing trained; the study would live in {storage.location()}")
+        return 0
+    from ray import tune
+
+    exists = tune.Tuner.can_restore(storage.uri)
+    if exists and not args.resume:
+        print(f"error: a study already exists in {storage.uri}: pass --resume to carry it on, or --name / "
+              f"--storage for a new one", file=sys.stderr)
+        return 2
+    if args.resume and not exists:
+        print(f"error: {storage.uri} holds no Tune experiment to resume", file=sys.stderr)
+        return 2
+    if not args.resume:
+        raw = yaml.safe_load(resolve_path(args.space).read_text())
+        storage.write_text(STUDY_FILE, json.dumps(
+            {"space": raw, "source": space.source, "overrides": _overrides(args), "resources": _resources(args)},
+            indent=2))
+    try:
+        return run_study(space, storage, resume=args.resume, address=args.address)
+    except SpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Where a study lives: ``<storage>/<study name>/``, a local folder or a pyarrow URI (s3://, gs://, ...).
+
+Ray Tune and Ray Train write their own files there (through pyarrow). The driver's own outputs
+(``results.csv``, ``tensorboard/``, ``study.json``, ``results.md``) are written to a local folder first:
+the study folder itself when storage is local, else a staging folder on the driver
+(``$MOREID_CACHE/studies/<name>``) that is copied to the URI after every rewrite.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+DEFAULT_STORAGE = "studies"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOREID_CACHE") or Path.home() / ".cache" / "moreid")
+
+
+class StudyStorage:
+    """The study folder ``<root>/<name>`` (``uri``) and the local folder the driver writes (``local``)."""
+
+    def __init__(self, root: str | os.PathLike, name: str) -> None:
+        root = os.fspath(root)
+        self.name = name
+        self.remote = is_uri(root)
+        if self.remote:
+            self.root = root.rstrip("/")
+            self.uri = f"{self.root}/{name}"
+            self.local = cache_root() / "studies" / name
+            self._fs, self._fs_path = pafs.FileSystem.from_uri(self.uri)
+        else:
+            self.root = str(Path(root).expanduser().resolve())
+            self.uri = str(Path(self.root) / name)
+            self.local = Path(self.uri)
+            self._fs, self._fs_path = None, None
+
+    def path(self, relative: str) -> Path:
+        """Local path of a driver output."""
+        return self.local / relative
+
+    def location(self, relative: str = "") -> str:
+        """Where a driver output lies for the user (URI when remote)."""
+        base = self.uri if self.remote else str(self.local)
+        return f"{base}/{relative}" if relative else base
+
+    def write_text(self, relative: str, text: str) -> Path:
+        """Write a driver file atomically (temporary file + rename), then copy it to the URI if remote."""
+        target = self.path(relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.upload(relative)
+        return target
+
+    def upload(self, relative: str) -> None:
+        """Copy a local driver file or folder to the study URI (no-op for local storage). A file is
+        written to a temporary name and moved, so readers of the URI never see half a file where the
+        filesystem supports moves."""
+        if not self.remote:
+            return
+        source = self.path(relative)
+        dest = f"{self._fs_path}/{relative}"
+        if source.is_dir():
+            self._fs.create_dir(dest, recursive=True)
+            pafs.copy_files(str(source), dest, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self._fs)
+            return
+        self._fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{dest}.tmp"
+        with self._fs.open_output_stream(tmp) as out:
+            out.write(source.read_bytes())
+        try:
+            self._fs.move(tmp, dest)
+        except (OSError, NotImplementedError):  # object stores without rename: overwrite in place
+            with self._fs.open_output_stream(dest) as out:
+                out.write(source.read_bytes())
+            self._fs.delete_file(tmp)
+
+    def read_text(self, relative: str) -> str | None:
+        """A driver file's text (from the URI when remote), or None when it does not exist."""
+        if not self.remote:
+            path = self.path(relative)
+            return path.read_text(encoding="utf-8") if path.is_file() else None
+        dest = f"{self._fs_path}/{relative}"
+        if self._fs.get_file_info(dest).type != pafs.FileType.File:
+            return None
+        with self._fs.open_input_stream(dest) as fh:
+            return fh.read().decode("utf-8")

@@ -1,0 +1,95 @@
+"""The Tune trainable of a study: one Tune trial = one Ray Train ``TorchTrainer`` run.
+
+Ray 2.60 no longer accepts a ``TorchTrainer`` in ``tune.Tuner``; a Tune *function* trainable builds
+the trainer and calls ``fit()``, and ``TuneReportCallback`` forwards every ``ray.train.report`` of the
+rank-0 worker to Tune (with the persisted checkpoint's path under ``checkpoint_path``).
+
+The Train run of a trial is named ``train`` and stored in the Tune trial's own folder
+(``<storage>/<study>/<trial folder>/train``). Ray Train restores a run from the checkpoint manager
+snapshot it finds there, so when Tune retries a failed trial, or resumes an interrupted study, the
+new ``TorchTrainer`` hands the worker loop its latest checkpoint through ``ray.train.get_checkpoint()``.
+Worker deaths inside a run are retried by Train itself (``FailureConfig(max_failures)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from reid_core.config import config_keys
+from study.space import trial_config
+
+TRAIN_RUN_NAME = "train"
+# The Tune trial's own process only waits on its Train run; it reserves a sliver of memory rather than
+# a CPU share, so that N one-CPU trials fit on N CPUs (a CPU share of 0.01 would leave the Nth trial's
+# worker 0.99 CPU short). The Train workers reserve the CPUs and GPUs.
+TRIAL_MEMORY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class TrialSetup:
+    """What every trial of a study shares (passed to the trainable with ``tune.with_parameters``)."""
+
+    base: dict[str, Any]  # flattened base Config of the study
+    storage: str  # study storage root (folder or URI); the study folder is <storage>/<study>
+    study: str
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    worker_retries: int = 2
+    eval_epochs: list[int] = field(default_factory=list)  # ASHA rungs
+    metric: str = "mAP"
+    mode: str = "max"
+    fail_hook: dict[str, Any] | None = None  # tests: {"epoch": N, "marker": path}
+    worker_env: dict[str, str] = field(default_factory=dict)
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys of a Tune trial config (drops the searcher's bookkeeping: cell, bundle indices)."""
+    keys = config_keys()
+    return {k: v for k, v in config.items() if k in keys}
+
+
+def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune function trainable: run the trial's TorchTrainer to the end (or until Tune stops it)."""
+    cfg = trial_config(setup.base, trial_params(config))
+    trial_dir = PurePosixPath(tune.get_context().get_trial_dir()).name
+    storage = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
+    use_gpu = setup.gpus_per_worker > 0
+    resources = {"CPU": setup.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = setup.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker=_loop,
+        train_loop_config={"config": cfg.to_dict(), "eval_epochs": setup.eval_epochs, "metric": setup.metric,
+                           "mode": setup.mode, "fail_hook": setup.fail_hook},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=setup.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=TRAIN_RUN_NAME,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=setup.worker_retries),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+            worker_runtime_env={"env_vars": setup.worker_env} if setup.worker_env else None,
+            logging_config=LoggingConfig(log_level="WARNING"),  # per-report INFO lines drown the progress
+        ),
+    )
+    trainer.fit()
+
+
+def _loop(loop_config: dict[str, Any]) -> None:
+    from study.worker import train_loop
+
+    train_loop(loop_config)
+
+
+def make_trainable(setup: TrialSetup) -> Any:
+    """``train_trial`` bound to ``setup``, with its Tune resources."""
+    bound = tune.with_parameters(train_trial, setup=setup)
+    return tune.with_resources(bound, {"memory": TRIAL_MEMORY_BYTES})
