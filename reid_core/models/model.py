@@ -1,0 +1,78 @@
+"""The re-ID model: backbone, pooling, BNNeck embedding head and linear classifier (DESIGN.md section 4).
+
+``feat`` (pooled, before the BNNeck) feeds the metric losses, ``bn_feat`` (after the BNNeck) feeds the
+classifier (Luo et al., "Bag of Tricks", 2019); test features are either, per ``ModelConfig.test_feature``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from reid_core.config import ModelConfig
+from reid_core.models.backbone import ResNetBackbone, build_backbone
+from reid_core.models.layers import AvgPool, GeM
+
+TEST_FEATURES = ("before_bn", "after_bn")
+POOLINGS = ("gem", "avg")
+
+
+class ReIDOutput(NamedTuple):
+    """Output of :meth:`ReIDModel.forward` (train and eval mode alike)."""
+
+    feat: Tensor  # float[B, D], pooled feature before the BNNeck
+    bn_feat: Tensor  # float[B, D], after the BNNeck
+    logits: Tensor  # float[B, C], classifier scores (C = number of training identities)
+
+
+class ReIDModel(nn.Module):
+    """``backbone`` -> ``pool`` -> ``bnneck`` (BatchNorm1d, bias frozen at 0) -> ``classifier`` (no bias).
+
+    ``feat_dim`` is D, the backbone's channel count. ``backbone`` is the part frozen during
+    ``optim.freeze_iters``; ``pool``, ``bnneck`` and ``classifier`` are the heads.
+    """
+
+    def __init__(self, backbone: ResNetBackbone, num_classes: int, pooling: str = "gem", gem_p: float = 3.0,
+                 test_feature: str = "after_bn") -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        if test_feature not in TEST_FEATURES:
+            raise ValueError(f"model.test_feature must be one of {', '.join(TEST_FEATURES)}; got {test_feature!r}")
+        self.backbone = backbone
+        self.feat_dim: int = backbone.out_channels
+        self.num_classes = num_classes
+        self.test_feature = test_feature
+        self.pool: nn.Module = GeM(gem_p) if pooling == "gem" else AvgPool()
+        self.bnneck = nn.BatchNorm1d(self.feat_dim)
+        nn.init.ones_(self.bnneck.weight)
+        nn.init.zeros_(self.bnneck.bias)
+        self.bnneck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` float[B, 3, H, W] -> (feat [B, D], bn_feat [B, D])."""
+        feat = self.pool(self.backbone(x))
+        return feat, self.bnneck(feat)
+
+    def forward(self, x: Tensor) -> ReIDOutput:
+        feat, bn_feat = self.embed(x)
+        return ReIDOutput(feat, bn_feat, self.classifier(bn_feat))
+
+    def test_features(self, x: Tensor) -> Tensor:
+        """Test-time embedding float[B, D]: ``feat`` for ``before_bn``, ``bn_feat`` for ``after_bn``.
+
+        Call it in eval mode, where the BNNeck uses its running statistics.
+        """
+        feat, bn_feat = self.embed(x)
+        return feat if self.test_feature == "before_bn" else bn_feat
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> ReIDModel:
+    """The :class:`ReIDModel` described by ``cfg`` with a classifier over ``num_classes`` identities."""
+    backbone = build_backbone(cfg.arch, last_stride=cfg.last_stride, ibn=cfg.ibn, non_local=cfg.non_local,
+                              pretrained=cfg.pretrained)
+    return ReIDModel(backbone, num_classes, pooling=cfg.pooling, gem_p=cfg.gem_p, test_feature=cfg.test_feature)
