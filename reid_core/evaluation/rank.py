@@ -1,0 +1,402 @@
+"""Re-ID ranking metrics (mAP, CMC, mINP), vectorised in torch over chunks of queries (DESIGN.md section 6).
+
+Protocol: per query, gallery entries with the query's identity AND camera are removed ("junk"), queries
+left without a true match are skipped, the gallery is ranked by distance with ties broken by gallery
+order (a stable sort). The numbers agree with the per-query NumPy implementation of
+:mod:`reid_core.evaluation.reference` (to 1e-6; in practice to rounding of the final means).
+
+How it avoids sorting the gallery: the metrics only need the rank of each true match among the kept
+gallery entries, ``rank_i = #{kept g: d_g < s_i} + #{kept g: d_g == s_i, g before match i}``, where
+``s_1 <= ... <= s_n`` are the query's match distances. The counts below the n thresholds are taken with
+one pass of cheap arithmetic over the row: each distance gets a bucket ``floor((d - s_1) * c) + 1``
+(clamped), a monotone map, so an entry whose bucket holds no threshold is below a threshold exactly when
+its bucket is; a histogram of buckets counts those. The few entries that share a bucket with a threshold
+("candidates") are compared exactly (``searchsorted``). Junk entries, known from the labels, are
+subtracted. Ties between a match and a non-match entry (equal distances) are detected by also counting at
+``nextafter(s_i, +inf)``; such rows are ranked by a stable sort instead. Cost: a few element-wise passes
+over the chunk instead of a sort; memory: bounded by the chunk size.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+METRICS = ("euclidean", "cosine")
+# Working memory per query-gallery pair of a chunk, on top of the distance itself (twice its item size):
+# int64 buckets and offsets, boolean flags, and the stable-sort fallback's values, indices and cumsums.
+BYTES_PER_PAIR = 48
+# On CPU, chunks of about this many pairs were fastest (the working set stays in cache and the allocator
+# reuses the buffers instead of faulting in fresh pages); measured in benchmarks/evaluation.py.
+CPU_CHUNK_PAIRS = 1 << 21
+_DEFAULT_BUDGET_MB = 1024
+_INF = float("inf")
+
+
+# ---- public API -------------------------------------------------------------------------------------
+
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> dict:
+    """mAP, CMC and mINP of a query-gallery distance matrix.
+
+    ``distmat`` float[Q, G] (NumPy array or tensor, any device; smaller = more similar); ``q_pids``,
+    ``q_camids`` int[Q]; ``g_pids``, ``g_camids`` int[G]. Returns ``{"mAP": float, "cmc":
+    float64 ndarray[max_rank] (cmc[k - 1] = CMC@k), "mINP": float, "num_valid": int}`` (fractions in
+    [0, 1]; ``num_valid`` = queries with at least one true match). Raises ValueError on shape mismatches
+    (naming the argument), non-finite distances, or when no query has a true match.
+    """
+    dist = _as_tensor(distmat, "distmat")
+    if dist.dim() != 2:
+        raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(dist.shape)}")
+    _check_max_rank(max_rank)
+    labels = _Labels.build(q_pids, g_pids, q_camids, g_camids, dist.shape[0], dist.shape[1], dist.device)
+    dtype = _work_dtype(dist.dtype)
+    rows = chunk_rows(dist.shape[1], dtype.itemsize, dist.device, 0, _DEFAULT_BUDGET_MB)
+    acc = _Accumulator(max_rank, dist.device)
+    ws = Workspace(min(rows, labels.valid.numel()), dist.shape[1], dtype, dist.device)
+    with torch.no_grad():
+        for idx in labels.chunks(rows):
+            acc.add(*match_ranks(_select_rows(dist, idx, ws), *labels.groups(idx), workspace=ws))
+    return acc.result()
+
+
+def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metric: str = "euclidean",
+                      max_rank: int = 50, chunk_size: int = 0, memory_budget_mb: int = 1024) -> dict:
+    """:func:`evaluate_rank` of query features against gallery features, one chunk of queries at a time.
+
+    ``q_feats`` float[Q, D], ``g_feats`` float[G, D] (NumPy or tensors; computed on ``g_feats``'s device).
+    ``metric``: ``euclidean`` (||q - g||_2) or ``cosine`` (-q^T g of L2-normalised features), see
+    :func:`pairwise_distances`. ``chunk_size`` queries per chunk; 0 derives it from ``memory_budget_mb``,
+    the working memory of one chunk (its distances, buckets, flags and sort fallback, see
+    :func:`chunk_rows`); the features themselves come on top. The whole Q x G matrix is never held.
+    """
+    q = _as_tensor(q_feats, "q_feats")
+    g = _as_tensor(g_feats, "g_feats")
+    for name, x in (("q_feats", q), ("g_feats", g)):
+        if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{name} must be a non-empty 2-D [N, D] array, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must hold floating-point features, got {x.dtype}")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"feature dims differ: q_feats has {q.shape[1]}, g_feats has {g.shape[1]}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be a non-negative integer, got {chunk_size!r}")
+    if not memory_budget_mb > 0:
+        raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb!r}")
+    _check_max_rank(max_rank)
+    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    q, g = q.to(g.device, dtype), g.to(dtype)
+    for name, x in (("q_feats", q), ("g_feats", g)):
+        if not _all_finite(x):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    labels = _Labels.build(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], g.device)
+    rows = chunk_rows(g.shape[0], dtype.itemsize, g.device, chunk_size, memory_budget_mb)
+    acc = _Accumulator(max_rank, g.device)
+    ws = Workspace(min(rows, labels.valid.numel()), g.shape[0], dtype, g.device)
+    with torch.no_grad():
+        gp = _prepare(g, metric)
+        for idx in labels.chunks(rows):
+            chunk = _distances(_prepare(q.index_select(0, idx), metric), gp, metric, out=ws.take("dist", idx.numel()))
+            acc.add(*match_ranks(chunk, *labels.groups(idx), workspace=ws))
+    return acc.result()
+
+
+def pairwise_distances(q: Tensor, g: Tensor, metric: str = "euclidean") -> Tensor:
+    """float[Q, D], float[G, D] -> float[Q, G]: the distances :func:`evaluate_features` ranks by.
+
+    ``euclidean``: sqrt(max(|q|^2 + |g|^2 - 2 q^T g, 0)); ``cosine``: -q^T g after L2 normalisation
+    (range [-1, 1]).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    with torch.no_grad():
+        return _distances(_prepare(q, metric), _prepare(g, metric), metric)
+
+
+def chunk_rows(num_gallery: int, itemsize: int, device: torch.device, chunk_size: int = 0,
+               memory_budget_mb: float = _DEFAULT_BUDGET_MB) -> int:
+    """Queries per chunk: ``chunk_size`` if set, else as many as ``memory_budget_mb`` allows at
+    ``num_gallery * (2 * itemsize + BYTES_PER_PAIR)`` bytes per query (on CPU also at most about
+    ``CPU_CHUNK_PAIRS`` pairs, which is faster)."""
+    if chunk_size:
+        return chunk_size
+    per_query = num_gallery * (2 * itemsize + BYTES_PER_PAIR)
+    rows = max(1, int(memory_budget_mb * 2**20) // per_query)
+    if torch.device(device).type == "cpu":
+        rows = min(rows, max(1, CPU_CHUNK_PAIRS // num_gallery))
+    return rows
+
+
+# ---- ranks of the true matches ----------------------------------------------------------------------
+
+class Workspace:
+    """Buffers for :func:`match_ranks`, reused chunk after chunk: fresh multi-megabyte tensors would
+    fault in new pages on every chunk, which costs more than the arithmetic."""
+
+    def __init__(self, rows: int, width: int, dtype: torch.dtype, device) -> None:
+        self.rows, self.width = rows, width
+        self.index_dtype = torch.int32 if rows * (_num_buckets(width) + 2) < 2**31 else torch.int64
+        self.dist = torch.empty(rows * width, dtype=dtype, device=device)
+        self.real = torch.empty(rows * width, dtype=dtype, device=device)
+        self.index = torch.empty(rows * width, dtype=self.index_dtype, device=device)
+        self.flag = torch.empty(rows * width, dtype=torch.bool, device=device)
+
+    def take(self, name: str, rows: int) -> Tensor:
+        """The first ``rows`` rows of buffer ``name`` as a [rows, width] view."""
+        if rows > self.rows:
+            raise ValueError(f"workspace holds {self.rows} rows, asked for {rows}")
+        return getattr(self, name)[:rows * self.width].view(rows, self.width)
+
+
+def _num_buckets(width: int) -> int:
+    return max(64, width // 4)
+
+
+def match_ranks(dist: Tensor, gidx: Tensor, match: Tensor, junk: Tensor,
+                workspace: Workspace | None = None) -> tuple[Tensor, Tensor]:
+    """0-based ranks of each query's true matches among its kept gallery entries (ties: gallery order).
+
+    ``dist`` float[C, G] (finite); ``gidx`` long[C, S]: gallery indices of the query's identity, in
+    gallery order; ``match`` / ``junk`` bool[C, S]: which of them are true matches (another camera) /
+    junk (same camera). Every row needs at least one match. ``workspace``: buffers to reuse (one is
+    made when absent). Returns ``(ranks long[C, M], n long[C])``: ``ranks[q, :n[q]]`` ascending,
+    ``M = max(n)``.
+    """
+    dist = dist.contiguous()
+    if not _all_finite(dist):
+        raise ValueError("distmat contains NaN or infinite values")
+    c_rows, width = dist.shape
+    device = dist.device
+    ws = workspace if workspace is not None else Workspace(c_rows, width, dist.dtype, device)
+    in_group = dist.gather(1, gidx)
+    n = match.sum(1)
+    m = int(n.max())
+    s, order = torch.where(match, in_group, _INF).sort(dim=1, stable=True)
+    s, j = s[:, :m].contiguous(), gidx.gather(1, order[:, :m])  # match distances ascending [C, M], their columns
+    in_m = torch.arange(m, device=device) < n[:, None]
+
+    # Buckets b(x) = trunc(clamp((x - s_1) * scale + 1, 0, B + 1)): a monotone map, s_n lands near B - 1.
+    # An entry whose bucket holds no match is below match i exactly when its bucket is below match i's.
+    buckets = _num_buckets(width)
+    span = buckets + 2
+    lo = s[:, :1]
+    scale = ((buckets - 2) / (s.gather(1, (n - 1)[:, None]) - lo)).clamp_(1e-30, 1e30)  # finite, > 0
+    real = torch.sub(dist, lo, out=ws.take("real", c_rows)).mul_(scale).add_(1.0).clamp_(0, buckets + 1)
+    b = ws.take("index", c_rows).copy_(real)
+    b += (torch.arange(c_rows, device=device, dtype=ws.index_dtype) * span)[:, None]  # flat ids over rows
+    flat_b = b.view(-1)
+    # A match's bucket is read back from b itself, so it is computed exactly like every other entry's.
+    match_b = torch.where(in_m, b.gather(1, j), b.gather(1, j[:, :1])).long()  # padding -> a marked bucket
+    marked = torch.zeros(c_rows * span, dtype=torch.bool, device=device)
+    marked[match_b.view(-1)] = True
+    flag = torch.index_select(marked, 0, flat_b, out=ws.take("flag", c_rows).view(-1))
+    cand = flag.nonzero().squeeze(1)  # entries sharing a bucket with a match
+    hist = torch.bincount(flat_b, minlength=c_rows * span)
+    hist -= torch.bincount(flat_b[cand], minlength=c_rows * span)
+    hist = hist.view(c_rows, span)
+    others_below = (hist.cumsum(1) - hist).view(-1)  # non-candidates in lower buckets of the row
+
+    # Candidates, packed per row [C, K], are compared exactly: (distance, column) lexicographically.
+    row = torch.div(cand, width, rounding_mode="floor")
+    per_row = torch.bincount(row, minlength=c_rows)
+    k = int(per_row.max())
+    at = row * k + torch.arange(cand.numel(), device=device) - (per_row.cumsum(0) - per_row)[row]
+    values = torch.full((c_rows * k,), _INF, dtype=dist.dtype, device=device)
+    values[at] = dist.view(-1)[cand]
+    columns = torch.zeros(c_rows * k, dtype=torch.int64, device=device)
+    columns[at] = cand - row * width
+    filled = torch.arange(k, device=device) < per_row[:, None]
+
+    ranks = (others_below[match_b]
+             + _lex_count(values.view(c_rows, k), columns.view(c_rows, k), filled, s, j, in_m, width)
+             - _lex_count(torch.where(junk, in_group, _INF), gidx, junk, s, j, in_m, width))
+    return ranks, n
+
+
+def _lex_count(values: Tensor, columns: Tensor, valid: Tensor, s: Tensor, j: Tensor, in_m: Tensor,
+               width: int) -> Tensor:
+    """long[C, M]: for each match i, the entries e (``valid``) with (values_e, columns_e) < (s_i, j_i).
+
+    ``values`` float[C, K], ``columns`` long[C, K], ``valid`` bool[C, K]; ``s`` float[C, M] ascending
+    (inf padding), ``j`` long[C, M] their columns, ascending where ``s`` ties; ``in_m`` bool[C, M].
+    """
+    m = s.shape[1]
+    first = torch.searchsorted(s, s)  # start of s_i's group of equal distances
+    # Strictly smaller distance: with r_e = #{s <= v_e} and s_i in s, v_e < s_i <=> r_e <= #{s < s_i}.
+    r = torch.searchsorted(s, values, right=True)
+    less = _row_bincount(torch.where(valid, r, m), m + 1).cumsum_(1).gather(1, first)
+    # Equal distance, smaller column: e precedes the matches of its group from position p_e on.
+    g = torch.searchsorted(s, values)
+    tied = valid & (s.gather(1, g.clamp(max=m - 1)) == values)
+    keys = torch.where(in_m, first * (width + 1) + j, torch.iinfo(torch.int64).max)  # ascending in i
+    p = torch.searchsorted(keys, g * (width + 1) + columns, right=True)
+    p = torch.where(tied & (p < r), p, m)  # r_e is the end of e's group
+    seen = F.pad(_row_bincount(p, m + 1).cumsum_(1), (1, 0))  # seen[x] = #{p_e < x}
+    upto = torch.arange(1, m + 1, device=s.device).expand_as(s)
+    return less + seen.gather(1, upto) - seen.gather(1, first)
+
+
+def _row_bincount(values: Tensor, length: int) -> Tensor:
+    """Per-row histogram long[R, length] of ``values`` long[R, K] in [0, length)."""
+    num_rows = values.shape[0]
+    keys = (values + torch.arange(num_rows, device=values.device)[:, None] * length).reshape(-1)
+    return torch.bincount(keys, minlength=num_rows * length).view(num_rows, length)
+
+
+# ---- labels, chunks, metrics ------------------------------------------------------------------------
+
+@dataclass
+class _Labels:
+    """Identity and camera bookkeeping: for each query, the gallery entries with its identity."""
+
+    q_cams: Tensor  # long[Q]
+    g_cams: Tensor  # long[G]
+    order: Tensor  # long[G], gallery indices sorted by identity (stable: gallery order within one)
+    start: Tensor  # long[Q], where the query's identity starts in ``order``
+    size: Tensor  # long[Q], gallery entries with the query's identity
+    valid: Tensor  # long[V], queries with at least one true match
+
+    @classmethod
+    def build(cls, q_pids, g_pids, q_camids, g_camids, num_q: int, num_g: int, device) -> "_Labels":
+        q_pids = _labels(q_pids, "q_pids", num_q, "distmat rows / q_feats", device)
+        q_cams = _labels(q_camids, "q_camids", num_q, "distmat rows / q_feats", device)
+        g_pids = _labels(g_pids, "g_pids", num_g, "distmat columns / g_feats", device)
+        g_cams = _labels(g_camids, "g_camids", num_g, "distmat columns / g_feats", device)
+        if num_q == 0 or num_g == 0:
+            raise ValueError(f"need at least one query and one gallery entry, got {num_q} and {num_g}")
+        order = torch.sort(g_pids, stable=True).indices
+        ids, counts = torch.unique_consecutive(g_pids[order], return_counts=True)
+        starts = counts.cumsum(0) - counts
+        at = torch.searchsorted(ids, q_pids).clamp_(max=ids.numel() - 1)
+        found = ids[at] == q_pids
+        size = torch.where(found, counts[at], 0)
+        start = torch.where(found, starts[at], 0)
+        # Junk per query = gallery entries with its (identity, camera); keys on dense indices.
+        cams = torch.unique(torch.cat([q_cams, g_cams]))
+        g_key = (torch.repeat_interleave(torch.arange(ids.numel(), device=device), counts) * cams.numel()
+                 + torch.searchsorted(cams, g_cams[order]))
+        keys, key_counts = torch.unique(g_key, return_counts=True)
+        q_key = at * cams.numel() + torch.searchsorted(cams, q_cams)
+        kat = torch.searchsorted(keys, q_key).clamp_(max=keys.numel() - 1)
+        same_cam = torch.where(found & (keys[kat] == q_key), key_counts[kat], 0)
+        valid = (size - same_cam > 0).nonzero().squeeze(1)
+        if valid.numel() == 0:
+            raise ValueError("no query has a true match in the gallery (after removing same-identity, "
+                             "same-camera entries): check q_pids/g_pids and q_camids/g_camids")
+        return cls(q_cams, g_cams, order, start, size, valid)
+
+    def chunks(self, rows: int) -> Iterator[Tensor]:
+        """Indices long[<= rows] of the valid queries, chunk by chunk."""
+        for first in range(0, self.valid.numel(), rows):
+            yield self.valid[first:first + rows]
+
+    def groups(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For queries ``idx`` long[C]: (gidx long[C, S], match bool[C, S], junk bool[C, S])."""
+        size = self.size[idx]
+        span = torch.arange(int(size.max()), device=idx.device)
+        inside = span < size[:, None]
+        gidx = self.order[(self.start[idx][:, None] + span).clamp_(max=self.order.numel() - 1)]
+        same_cam = self.g_cams[gidx] == self.q_cams[idx][:, None]
+        return gidx, inside & ~same_cam, inside & same_cam
+
+
+class _Accumulator:
+    """Sums of AP and INP and the histogram of first-match ranks over chunks of queries."""
+
+    def __init__(self, max_rank: int, device) -> None:
+        self.max_rank = max_rank
+        self.ap = torch.zeros((), dtype=torch.float64, device=device)
+        self.inp = torch.zeros((), dtype=torch.float64, device=device)
+        self.first = torch.zeros(max_rank + 1, dtype=torch.int64, device=device)
+        self.count = 0
+
+    def add(self, ranks: Tensor, n: Tensor) -> None:
+        """``ranks`` long[C, M] (0-based, ascending in ``[:n]``), ``n`` long[C] (>= 1)."""
+        span = torch.arange(1, ranks.shape[1] + 1, device=ranks.device, dtype=torch.float64)
+        precision = torch.where(span <= n[:, None], span / (ranks + 1).double(), 0.0)
+        self.ap += (precision.sum(1) / n).sum()
+        last = ranks.gather(1, (n - 1)[:, None]).squeeze(1)
+        self.inp += (n.double() / (last + 1).double()).sum()
+        self.first += torch.bincount(ranks[:, 0].clamp(max=self.max_rank), minlength=self.max_rank + 1)
+        self.count += n.numel()
+
+    def result(self) -> dict:
+        cmc = self.first[:self.max_rank].cumsum(0).double() / self.count
+        return {"mAP": float(self.ap) / self.count, "cmc": cmc.cpu().numpy(),
+                "mINP": float(self.inp) / self.count, "num_valid": self.count}
+
+
+# ---- input handling ---------------------------------------------------------------------------------
+
+def _as_tensor(x, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach()
+    arr = np.asarray(x)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
+        raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if not arr.flags.writeable or not arr.dtype.isnative:
+        arr = np.array(arr, dtype=arr.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _labels(x, name: str, length: int, what: str, device) -> Tensor:
+    t = _as_tensor(x, name)
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must be 1-D of length {length} (the {what}), got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{name} must hold integers, got {t.dtype}")
+    return t.to(device=device, dtype=torch.int64)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32/float64 distances are ranked as they are; half types widen to float32, integers to float64
+    (exact up to 2**53)."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    if dtype.is_floating_point:
+        return torch.float32
+    if dtype.is_complex:
+        raise ValueError(f"distmat must be real, got {dtype}")
+    return torch.float64
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or infinity; amin/amax propagate NaN and are far cheaper than isfinite."""
+    return bool(torch.isfinite(x.amin())) and bool(torch.isfinite(x.amax()))
+
+
+def _check_max_rank(max_rank: int) -> None:
+    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+
+
+def _prepare(x: Tensor, metric: str) -> tuple[Tensor, Tensor | None]:
+    """Features ready for :func:`_distances`: L2-normalised (cosine) or with their squared norms."""
+    if metric == "cosine":
+        return F.normalize(x, dim=1), None
+    return x, torch.linalg.vector_norm(x, dim=1).square_()
+
+
+def _distances(q: tuple[Tensor, Tensor | None], g: tuple[Tensor, Tensor | None], metric: str,
+               out: Tensor | None = None) -> Tensor:
+    (qx, q_sq), (gx, g_sq) = q, g
+    if metric == "cosine":
+        return torch.mm(qx, gx.t(), out=out).neg_()
+    out = torch.addmm(g_sq[None, :], qx, gx.t(), beta=1.0, alpha=-2.0, out=out)
+    return out.add_(q_sq[:, None]).clamp_min_(0.0).sqrt_()
+
+
+def _select_rows(dist: Tensor, idx: Tensor, ws: Workspace) -> Tensor:
+    """Rows ``idx`` of ``dist`` in the working dtype: a view when they are consecutive, else a copy."""
+    first, count = int(idx[0]), idx.numel()
+    if dist.dtype == ws.dist.dtype and int(idx[-1]) - first + 1 == count:
+        return dist.narrow(0, first, count)
+    out = ws.take("dist", count)
+    if dist.dtype == ws.dist.dtype:
+        return torch.index_select(dist, 0, idx, out=out)
+    return out.copy_(dist.index_select(0, idx))
