@@ -1,0 +1,73 @@
+"""The forward-only key encoder f_k and its momentum update θ_k ← m·θ_k + (1 − m)·θ_q (DESIGN section 2)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)  # a DistributedDataParallel wrapper holds the model in .module
+
+
+def make_key_encoder(query_encoder: nn.Module) -> nn.Module:
+    """A deep copy of f_q for f_k: no gradients, normalization layers frozen against its own forward.
+
+    f_k's BatchNorm layers normalize with batch statistics in train mode, like f_q, but their momentum
+    is 0 so f_k's own forward never changes its running statistics: only the EMA from f_q does.
+    """
+    key_encoder = copy.deepcopy(_unwrap(query_encoder))
+    for param in key_encoder.parameters():
+        param.requires_grad_(False)
+    for module in key_encoder.modules():
+        if isinstance(module, _NormBase) and module.track_running_stats:
+            module.momentum = 0.0
+    return key_encoder
+
+
+def _from_rank0(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` as rank 0 holds them (one broadcast per dtype); the tensors themselves when no
+    process group is running."""
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    out: list[Tensor] = list(tensors)
+    for dtype in {t.dtype for t in tensors}:
+        index = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in index])
+        dist.broadcast(flat, src=0)
+        for i, part in zip(index, torch.split(flat, [tensors[i].numel() for i in index])):
+            out[i] = part.view_as(tensors[i])
+    return out
+
+
+@torch.no_grad()
+def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) -> None:
+    """In place: θ_k ← m·θ_k + (1 − m)·θ_q for every parameter and floating buffer (BN running stats);
+    integer buffers (BN batch counters) are copied. Either encoder may be wrapped in DDP.
+
+    Under a process group the buffers are taken from rank 0's f_q: DDP keeps f_q's parameters identical
+    on every worker, but each worker's BN running statistics move with its own batch until DDP
+    broadcasts rank 0's at the next forward. So f_k stays identical on every worker.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum m must be in [0, 1], got {m!r}")
+    key, query = _unwrap(key_encoder), _unwrap(query_encoder)
+    k_params, q_params = list(key.parameters()), list(query.parameters())
+    k_buffers, q_buffers = list(key.buffers()), list(query.buffers())
+    if len(k_params) != len(q_params) or len(k_buffers) != len(q_buffers):
+        raise ValueError("key and query encoders differ in structure: "
+                         f"{len(k_params)} vs {len(q_params)} parameters, {len(k_buffers)} vs {len(q_buffers)} buffers")
+    float_k = k_params + [b for b in k_buffers if b.is_floating_point()]
+    float_q = [p.detach() for p in q_params] + _from_rank0([b for b in q_buffers if b.is_floating_point()])
+    for k, q in zip(float_k, float_q):
+        if k.shape != q.shape:
+            raise ValueError(f"key and query encoders differ in shape: {tuple(k.shape)} vs {tuple(q.shape)}")
+    if float_k:
+        # lerp: θ_k + (1 − m)·(θ_q − θ_k) = m·θ_k + (1 − m)·θ_q, one fused kernel per tensor group.
+        torch._foreach_lerp_(float_k, float_q, 1.0 - m)
+    for k, q in zip(k_buffers, q_buffers):
+        if not k.is_floating_point():
+            k.copy_(q)
