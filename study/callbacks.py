@@ -33,7 +33,7 @@ TENSORBOARD_DIR = "tensorboard"
 # Keys always shown as hyperparameters in TensorBoard besides the searched ones.
 HPARAM_KEYS = ("data.dataset", "loss.name", "framework.name", "train.seed")
 # Result keys that are Tune / Train bookkeeping, not metrics.
-_NOT_METRICS = {"epoch", "eval_epoch", "best_epoch", "start_epoch", "training_iteration", "timestamp",
+_NOT_METRICS = {"epoch", "eval_epoch", "best_epoch", "start_epoch", "world_size", "training_iteration", "timestamp",
                 "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore",
                 "pid", "done", "checkpoint_dir_name", "should_checkpoint", "trial_id"}
 

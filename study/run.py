@@ -100,11 +100,16 @@ def print_plan(space: SearchSpace, trials: list, limit: int = 40) -> None:
              if space.base["data.root"] else " (generated into the cache)")
           + f", {space.epochs} epochs, eval every {space.base['train.eval_period']}")
     print(f"trial plan ({len(trials)} trials):")
-    sampled = [p.name for p in space.sampled_params] if space.searcher == "optuna" else []
+    if space.searcher == "optuna":
+        sampled = ", ".join(p.name for p in space.sampled_params)
+        for index, cell in enumerate(space.cells()):
+            values = " ".join(f"{k}={_short(v)}" for k, v in cell.items()) or "(base config)"
+            print(f"  cell {index:2d}  {values}: {space.num_samples} trials, Optuna TPE "
+                  f"(seed {space.searcher_seed + index}) picks {sampled}")
+        return
     for index, trial in enumerate(trials[:limit]):
         values = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items()) or "(base config)"
-        tail = f"  + Optuna TPE picks {', '.join(sampled)}" if sampled else ""
-        print(f"  {index:3d}  cell {trial.cell:2d}  {values}{tail}")
+        print(f"  {index:3d}  cell {trial.cell:2d}  {values}")
     if len(trials) > limit:
         print(f"  ... {len(trials) - limit} more")
 
@@ -264,7 +269,8 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float) -> 
     if path.is_file():
         table = pd.read_csv(path)
         metric = f"best_{space.metric}"
-        short = {k: k.split(".")[-1] for k in space.searched_keys}
+        tails = [k.split(".")[-1] for k in space.searched_keys]
+        short = {k: (t if tails.count(t) == 1 else k) for k, t in zip(space.searched_keys, tails)}
         columns = ["trial_id", "status", "epochs", *space.searched_keys, f"final_{space.metric}", metric,
                    "best_R1", "best_mINP", "best_epoch"]
         shown = table[[c for c in columns if c in table.columns]].rename(columns=short)

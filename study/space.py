@@ -312,10 +312,12 @@ class Suggester(Protocol):
 
 
 class RandomSuggester:
-    """Seeded uniform / log-uniform draws with the Optuna ``suggest_*`` interface."""
+    """Seeded uniform / log-uniform draws with the Optuna ``suggest_*`` interface; ``forced`` pins a
+    categorical parameter to one of its choices (validation visits every choice that way)."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, forced: Mapping[str, Any] | None = None) -> None:
         self.rng = rng
+        self.forced = dict(forced or {})
 
     def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
         if log:
@@ -328,6 +330,8 @@ class RandomSuggester:
         return int(self.rng.integers(low, high + 1))
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        if name in self.forced and self.forced[name] in choices:
+            return self.forced[name]
         return choices[int(self.rng.integers(len(choices)))]
 
 
@@ -570,9 +574,13 @@ def validate_plan(space: SearchSpace, draws: int = 64) -> list[PlannedTrial]:
     trials = plan(space)
     checks: list[dict[str, Any]] = []
     if space.searcher == "optuna":
-        rng = RandomSuggester(np.random.default_rng(space.searcher_seed))
+        rng = np.random.default_rng(space.searcher_seed)
+        choices = [(p.name, i if p.bundle else v) for p in space.sampled_params if not p.numeric
+                   for i, v in enumerate(p.values)]
         for cell in space.cells():
-            checks.extend({**cell, **space.sample(rng, cell)} for _ in range(draws))
+            checks.extend({**cell, **space.sample(RandomSuggester(rng), cell)} for _ in range(draws))
+            checks.extend({**cell, **space.sample(RandomSuggester(rng, {name: value}), cell)}
+                          for name, value in choices)
     else:
         checks = [t.params for t in trials]
     for params in checks:

@@ -5,7 +5,8 @@ Per epoch every worker trains (``reid_core.engine.Trainer``), evaluates when due
 writes a checkpoint when due (rank 0 writes; the folder is handed to ``ray.train.report``) and reports one
 result. Every result holds the last evaluation (``mAP``, ``R1``, ``R5``, ``R10``, ``mINP``, in percent;
 NaN before the first one, with ``eval_epoch`` = 0), the best one so far (``best_*``, ``best_epoch``,
-``best_cmc``: CMC at ranks 1..20) and ``start_epoch``: the epoch this worker group resumed from.
+``best_cmc``: CMC at ranks 1..20), ``start_epoch`` (the epoch this worker group resumed from),
+``world_size`` and ``ddp_backend`` (``gloo`` / ``nccl``).
 
 A checkpoint folder holds the Trainer's ``checkpoint.pt`` and ``study_state.json`` (last and best
 evaluation), so a restarted worker group (``ray.train.get_checkpoint()``) carries on where it stopped.
@@ -23,6 +24,7 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import torch.distributed as dist
 
 from reid_core.config import Config
 
@@ -51,8 +53,9 @@ def update_state(state: dict[str, Any], evaluation: dict[str, Any], epoch: int, 
         state["best_cmc"] = [float(c) for c in evaluation.get("cmc", [])[:CMC_RANKS]]
 
 
-def result_of(train_metrics: dict[str, Any], state: dict[str, Any], start_epoch: int) -> dict[str, Any]:
-    """The dict reported to Tune for one epoch."""
+def result_of(train_metrics: dict[str, Any], state: dict[str, Any], start_epoch: int,
+              world: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dict reported to Tune for one epoch (``world``: ``world_size`` and ``ddp_backend``)."""
     out = {k: float(v) for k, v in train_metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
     out["epoch"] = int(train_metrics["epoch"])
     out.update(state["last"])
@@ -61,6 +64,7 @@ def result_of(train_metrics: dict[str, Any], state: dict[str, Any], start_epoch:
     out["best_epoch"] = state["best_epoch"]
     out["best_cmc"] = list(state["best_cmc"])
     out["start_epoch"] = start_epoch
+    out.update(world or {})
     return out
 
 
@@ -103,13 +107,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if state_file.is_file():
                 state = json.loads(state_file.read_text())
     start_epoch = trainer.epoch
+    world = {"world_size": context.get_world_size(),
+             "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"}
     try:
         while trainer.epoch < cfg.train.epochs:
             train_metrics = trainer.train_epoch()
             epoch = trainer.epoch
             if trainer.eval_due() or epoch in eval_epochs:
                 update_state(state, trainer.evaluate(), epoch, metric, mode)
-            result = result_of(train_metrics, state, start_epoch)
+            result = result_of(train_metrics, state, start_epoch, world)
             if trainer.checkpoint_due():
                 folder = Path(tempfile.mkdtemp(prefix="ckpt-", dir=scratch))
                 trainer.save_checkpoint(folder)  # every rank takes part; rank 0 writes

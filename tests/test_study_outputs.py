@@ -1,0 +1,144 @@
+"""Driver-side outputs without a Ray runtime: results.csv rows and statuses, TensorBoard scalars with
+HParams records (read back with TensorBoard's own readers), and storage on a URI (file://)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pandas as pd
+import pytest
+from ray.tune.experiment import Trial
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, metadata
+
+from reid_core.config import Config, flatten
+from study.callbacks import FIXED_COLUMNS, RESULTS_FILE, ResultsCsv, TensorBoardHParams, TrialInfo
+from study.results.load import read_results
+from study.space import load_space
+from study.storage import StudyStorage
+
+NAN = float("nan")
+
+
+def result(epoch: int, evaluated_at: int, mAP: float, best: float, best_epoch: int) -> dict:
+    out = {"epoch": epoch, "eval_epoch": evaluated_at, "loss/total": 3.0 / epoch, "lr": 0.001, "hard/neg": 12.0,
+           "training_iteration": epoch, "time_this_iter_s": 1.0, "start_epoch": 0, "world_size": 1,
+           "ddp_backend": "gloo"}
+    for key in ("mAP", "R1", "R5", "R10", "mINP"):
+        out[key] = mAP if evaluated_at else NAN
+        out[f"best_{key}"] = best if evaluated_at else NAN
+    out["best_epoch"] = best_epoch
+    out["best_cmc"] = [best + i for i in range(20)] if evaluated_at else []
+    return out
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    space = load_space("quickstart")
+    info = TrialInfo(space.base, space.searched_keys)
+    storage = StudyStorage(tmp_path, "demo")
+    trials = [Trial("train_trial", config={"loss.name": name, "loss.normalize": False, "framework.name": fw,
+                                           "cell": i}, trial_id=f"t{i}", stub=True)
+              for i, (name, fw) in enumerate([("he", "moreid"), ("triplet", "baseline"), ("npair", "moreid")])]
+    return space, info, storage, trials
+
+
+def test_results_csv_rows_statuses_and_columns(setup):
+    space, info, storage, (a, b, c) = setup
+    cb = ResultsCsv(storage, "demo", info, max_epochs=3)
+    cb.setup()
+    cb.on_trial_start(0, [], a)
+    rows = list(csv.DictReader(storage.path(RESULTS_FILE).open()))
+    assert rows[0]["status"] == "RUNNING" and rows[0]["epochs"] == "0" and rows[0]["final_mAP"] == ""
+    cb.on_trial_result(0, [], a, result(1, 0, NAN, NAN, 0))  # trained, not evaluated yet
+    cb.on_trial_result(0, [], a, result(2, 2, 12.5, 12.5, 2))
+    a.update_last_result(result(3, 3, 11.0, 12.5, 2))  # what Tune does before calling back
+    cb.on_trial_result(0, [], a, a.last_result)
+    cb.on_trial_complete(0, [], a)
+    cb.on_trial_start(0, [], b)
+    b.update_last_result(result(1, 1, 4.0, 4.0, 1))
+    cb.on_trial_result(0, [], b, b.last_result)
+    cb.on_trial_complete(0, [], b)  # stopped by the scheduler after 1 of 3 epochs
+    cb.on_trial_start(0, [], c)
+    cb.on_trial_recover(0, [], c)
+    cb.on_trial_error(0, [], c)
+
+    text = storage.path(RESULTS_FILE).read_text()
+    header = text.splitlines()[0].split(",")
+    config_keys = list(flatten(Config()))
+    assert header == [*FIXED_COLUMNS, *config_keys]
+    assert not list(storage.local.glob(".results.csv.*"))  # the temporary file was renamed into place
+    table = pd.read_csv(storage.path(RESULTS_FILE))
+    assert list(table.trial_id) == ["t0", "t1", "t2"]
+    assert list(table.status) == ["TERMINATED", "STOPPED", "ERROR"]
+    assert list(table.epochs) == [3, 1, 0]
+    first = table.iloc[0]
+    assert first.final_mAP == 11.0 and first.best_mAP == 12.5 and first.best_epoch == 2
+    assert json.loads(first.cmc) == [12.5 + i for i in range(20)]
+    assert first.searched == "loss.name;loss.normalize;framework.name"
+    assert first["loss.name"] == "he" and first["framework.name"] == "moreid" and first["train.epochs"] == 3
+    assert math.isnan(table.iloc[2].final_mAP)  # never evaluated: an empty cell
+    # The results module reads it as the contract says.
+    frame = read_results(storage.local)
+    assert list(frame.status) == ["TERMINATED", "STOPPED", "ERROR"]
+
+    # State survives a driver restart: through Tune's callback state, or from the file itself.
+    again = ResultsCsv(storage, "demo", info, max_epochs=3)
+    again.set_state(cb.get_state())
+    assert again.rows == cb.rows and again.order == cb.order
+    from_file = ResultsCsv(storage, "demo", info, max_epochs=3)
+    from_file.setup()
+    assert from_file.order == ["t0", "t1", "t2"] and from_file.rows["t1"]["status"] == "STOPPED"
+
+
+def test_tensorboard_scalars_and_hparams_in_one_run_per_trial(setup):
+    space, info, storage, (a, b, _) = setup
+    cb = TensorBoardHParams(storage, info)
+    for trial, values in ((a, [(1, 1, 5.0), (2, 2, 9.0)]), (b, [(1, 1, 3.0)])):
+        cb.on_trial_start(0, [], trial)
+        for epoch, evaluated, mAP in values:
+            cb.on_trial_result(0, [], trial, result(epoch, evaluated, mAP, mAP, epoch))
+    cb.on_trial_complete(0, [], a)
+    cb.on_trial_error(0, [], b)
+
+    runs = sorted(p.name for p in storage.path("tensorboard").iterdir())
+    assert runs == ["t0", "t1"]
+    acc = EventAccumulator(str(storage.path("tensorboard/t0")))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"eval/mAP", "eval/R1", "eval/mINP", "best/mAP", "loss/total", "lr", "hard/neg"} <= scalars
+    assert "world_size" not in scalars and "epoch" not in scalars
+    assert [(e.step, e.value) for e in acc.Scalars("eval/mAP")] == [(1, 5.0), (2, 9.0)]
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    hparams = {k: v for k, v in start.hparams.items()}
+    assert hparams["loss.name"].string_value == "he"
+    assert hparams["framework.name"].string_value == "moreid"
+    assert hparams["loss.normalize"].bool_value is False
+    assert hparams["train.seed"].number_value == 0
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    assert end.status == api_pb2.STATUS_SUCCESS
+    acc_b = EventAccumulator(str(storage.path("tensorboard/t1")))
+    acc_b.Reload()
+    end_b = metadata.parse_session_end_info_plugin_data(
+        acc_b.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_END_INFO_TAG])
+    assert end_b.status == api_pb2.STATUS_FAILURE
+
+
+def test_uri_storage_writes_locally_and_copies_to_the_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOREID_CACHE", str(tmp_path / "cache"))
+    remote = tmp_path / "bucket"
+    storage = StudyStorage(f"file://{remote}", "study1")
+    assert storage.remote and storage.uri == f"file://{remote}/study1"
+    storage.write_text("results.csv", "a,b\n1,2\n")
+    assert (tmp_path / "cache" / "studies" / "study1" / "results.csv").read_text() == "a,b\n1,2\n"
+    assert (remote / "study1" / "results.csv").read_text() == "a,b\n1,2\n"
+    assert not list((remote / "study1").glob("*.tmp"))
+    (storage.path("tensorboard/t0")).mkdir(parents=True)
+    (storage.path("tensorboard/t0/events.x")).write_bytes(b"\x00\x01")
+    storage.upload("tensorboard/t0")
+    assert (remote / "study1" / "tensorboard" / "t0" / "events.x").read_bytes() == b"\x00\x01"
+    assert storage.read_text("results.csv") == "a,b\n1,2\n" and storage.read_text("nothing.json") is None
+    local = StudyStorage(tmp_path / "plain", "study2")
+    assert not local.remote and local.local == (tmp_path / "plain" / "study2").resolve()
