@@ -95,6 +95,17 @@ def test_hand_computed_example_two_matches():
     np.testing.assert_allclose(result["cmc"], [0.0, 1.0, 1.0])
 
 
+def test_many_chunks_over_worker_threads(monkeypatch):
+    import reid_core.evaluation.rank as rank
+
+    dist, q_pids, g_pids, q_cams, g_cams = _problem(7, num_q=60, ties=True)
+    expected = evaluate_rank_reference(dist, q_pids, g_pids, q_cams, g_cams)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(rank, "CPU_CHUNK_PAIRS", 3 * dist.shape[1])  # 3 queries per chunk
+    _assert_same(evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams), expected)
+    assert torch.get_num_threads() == threads  # intra-op threads restored
+
+
 def test_cmc_beyond_the_gallery_size_stays_at_its_last_value():
     dist, q_pids, g_pids, q_cams, g_cams = _problem(5, num_q=10, num_g=12, ids=3)
     expected = evaluate_rank_reference(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50)

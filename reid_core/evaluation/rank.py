@@ -6,19 +6,21 @@ order (a stable sort). The numbers agree with the per-query NumPy implementation
 :mod:`reid_core.evaluation.reference` (to 1e-6; in practice to rounding of the final means).
 
 How it avoids sorting the gallery: the metrics only need the rank of each true match among the kept
-gallery entries, ``rank_i = #{kept g: d_g < s_i} + #{kept g: d_g == s_i, g before match i}``, where
-``s_1 <= ... <= s_n`` are the query's match distances. The counts below the n thresholds are taken with
-one pass of cheap arithmetic over the row: each distance gets a bucket ``floor((d - s_1) * c) + 1``
-(clamped), a monotone map, so an entry whose bucket holds no threshold is below a threshold exactly when
-its bucket is; a histogram of buckets counts those. The few entries that share a bucket with a threshold
-("candidates") are compared exactly (``searchsorted``). Junk entries, known from the labels, are
-subtracted. Ties between a match and a non-match entry (equal distances) are detected by also counting at
-``nextafter(s_i, +inf)``; such rows are ranked by a stable sort instead. Cost: a few element-wise passes
-over the chunk instead of a sort; memory: bounded by the chunk size.
+entries. In (distance, gallery index) order the i-th match (0-based) has rank i + the number of "others"
+(kept entries that are not true matches) before it. One pass of cheap arithmetic gives every distance a
+bucket ``trunc(clamp((d - s_1) * c, -1, B) + 1)``, a monotone map (s_1 <= ... <= s_n: the query's match
+distances); an other whose bucket holds no match is before match i exactly when its bucket is below
+match i's, so a histogram of buckets counts those. The few others sharing a bucket with a match
+("candidates") are compared exactly, ties included (``searchsorted`` on (distance, index)). Junk and
+matches, known from the labels, are left out of both. Cost: a few element-wise passes over the chunk
+(about 5 ns per query-gallery pair on one CPU core) instead of a sort; memory: bounded by the chunk.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 METRICS = ("euclidean", "cosine")
-# Working memory per query-gallery pair of a chunk, on top of the distance itself (twice its item size):
-# int64 buckets and offsets, boolean flags, and the stable-sort fallback's values, indices and cumsums.
+# Working memory per query-gallery pair of a chunk besides the distances and their scaled copy (twice the
+# item size): bucket ids (int32), flags, the bucket histogram and, in the worst case (every entry tied
+# with a match), the candidates' indices, values and columns.
 BYTES_PER_PAIR = 48
 # On CPU, chunks of about this many pairs were fastest (the working set stays in cache and the allocator
 # reuses the buffers instead of faulting in fresh pages); measured in benchmarks/evaluation.py.
 CPU_CHUNK_PAIRS = 1 << 21
+# Bucket ids of one chunk (queries x (gallery / 8 + 2)) stay below this, so that they are exact in float32.
+MAX_BUCKET_IDS = 1 << 23
 _DEFAULT_BUDGET_MB = 1024
 _INF = float("inf")
 
@@ -54,13 +59,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     _check_max_rank(max_rank)
     labels = _Labels.build(q_pids, g_pids, q_camids, g_camids, dist.shape[0], dist.shape[1], dist.device)
     dtype = _work_dtype(dist.dtype)
-    rows = chunk_rows(dist.shape[1], dtype.itemsize, dist.device, 0, _DEFAULT_BUDGET_MB)
-    acc = _Accumulator(max_rank, dist.device)
-    ws = Workspace(min(rows, labels.valid.numel()), dist.shape[1], dtype, dist.device)
-    with torch.no_grad():
-        for idx in labels.chunks(rows):
-            acc.add(*match_ranks(_select_rows(dist, idx, ws), *labels.groups(idx), workspace=ws))
-    return acc.result()
+    return _evaluate_chunks(labels, dist.shape[1], dtype, dist.device, max_rank, 0, _DEFAULT_BUDGET_MB,
+                            lambda idx, ws: _select_rows(dist, idx, ws))
 
 
 def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metric: str = "euclidean",
@@ -95,15 +95,14 @@ def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metr
         if not _all_finite(x):
             raise ValueError(f"{name} contains NaN or infinite values")
     labels = _Labels.build(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], g.device)
-    rows = chunk_rows(g.shape[0], dtype.itemsize, g.device, chunk_size, memory_budget_mb)
-    acc = _Accumulator(max_rank, g.device)
-    ws = Workspace(min(rows, labels.valid.numel()), g.shape[0], dtype, g.device)
     with torch.no_grad():
         gp = _prepare(g, metric)
-        for idx in labels.chunks(rows):
-            chunk = _distances(_prepare(q.index_select(0, idx), metric), gp, metric, out=ws.take("dist", idx.numel()))
-            acc.add(*match_ranks(chunk, *labels.groups(idx), workspace=ws))
-    return acc.result()
+
+    def distances(idx: Tensor, ws: Workspace) -> Tensor:
+        return _distances(_prepare(q.index_select(0, idx), metric), gp, metric, out=ws.take("dist", idx.numel()))
+
+    return _evaluate_chunks(labels, g.shape[0], dtype, g.device, max_rank, chunk_size, memory_budget_mb,
+                            distances)
 
 
 def pairwise_distances(q: Tensor, g: Tensor, metric: str = "euclidean") -> Tensor:
@@ -122,14 +121,61 @@ def chunk_rows(num_gallery: int, itemsize: int, device: torch.device, chunk_size
                memory_budget_mb: float = _DEFAULT_BUDGET_MB) -> int:
     """Queries per chunk: ``chunk_size`` if set, else as many as ``memory_budget_mb`` allows at
     ``num_gallery * (2 * itemsize + BYTES_PER_PAIR)`` bytes per query (on CPU also at most about
-    ``CPU_CHUNK_PAIRS`` pairs, which is faster)."""
+    ``CPU_CHUNK_PAIRS`` pairs, which is faster). Either way at most ``MAX_BUCKET_IDS / (num_gallery / 8)``
+    (about 64 M pairs per chunk)."""
+    cap = max(1, MAX_BUCKET_IDS // (_num_buckets(num_gallery) + 2))
     if chunk_size:
-        return chunk_size
+        return min(chunk_size, cap)
     per_query = num_gallery * (2 * itemsize + BYTES_PER_PAIR)
     rows = max(1, int(memory_budget_mb * 2**20) // per_query)
     if torch.device(device).type == "cpu":
         rows = min(rows, max(1, CPU_CHUNK_PAIRS // num_gallery))
-    return rows
+    return min(rows, cap)
+
+
+def _evaluate_chunks(labels: "_Labels", width: int, dtype: torch.dtype, device: torch.device, max_rank: int,
+                     chunk_size: int, memory_budget_mb: float,
+                     distances: Callable[[Tensor, "Workspace"], Tensor]) -> dict:
+    """Rank every chunk of valid queries (``distances(idx, workspace) -> float[C, G]``) and average.
+
+    On CPU the chunks are spread over ``torch.get_num_threads()`` Python threads with torch's own
+    intra-op threading set to 1 meanwhile (restored after): a few large independent tasks instead of
+    many small parallel regions, which on a busy machine wait on each other at every operation. The
+    memory budget is shared between the threads.
+    """
+    device = torch.device(device)
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    rows = chunk_rows(width, dtype.itemsize, device, chunk_size, memory_budget_mb / workers)
+    rows = min(rows, labels.valid.numel())
+    workers = min(workers, -(-labels.valid.numel() // rows))
+    acc = _Accumulator(max_rank, device)
+    local = threading.local()
+
+    def work(idx: Tensor) -> tuple[Tensor, Tensor]:
+        ws = getattr(local, "workspace", None)
+        if ws is None:
+            ws = local.workspace = Workspace(rows, width, dtype, device)
+        with torch.no_grad():  # grad mode is per thread
+            return match_ranks(distances(idx, ws), *labels.groups(idx), workspace=ws)
+
+    if workers <= 1:
+        for idx in labels.chunks(rows):
+            acc.add(*work(idx))
+    else:
+        with _intra_op_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="reid-eval") as pool:
+            for ranks, n in pool.map(work, labels.chunks(rows)):
+                acc.add(ranks, n)
+    return acc.result()
+
+
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- ranks of the true matches ----------------------------------------------------------------------
@@ -140,11 +186,10 @@ class Workspace:
 
     def __init__(self, rows: int, width: int, dtype: torch.dtype, device) -> None:
         self.rows, self.width = rows, width
-        self.index_dtype = torch.int32 if rows * (_num_buckets(width) + 2) < 2**31 else torch.int64
         self.dist = torch.empty(rows * width, dtype=dtype, device=device)
         self.real = torch.empty(rows * width, dtype=dtype, device=device)
-        self.index = torch.empty(rows * width, dtype=self.index_dtype, device=device)
-        self.flag = torch.empty(rows * width, dtype=torch.bool, device=device)
+        self.index = torch.empty(rows * width, dtype=torch.int32, device=device)
+        self.flag = torch.empty((rows * width + 7) // 8 * 8, dtype=torch.bool, device=device)
 
     def take(self, name: str, rows: int) -> Tensor:
         """The first ``rows`` rows of buffer ``name`` as a [rows, width] view."""
@@ -154,7 +199,7 @@ class Workspace:
 
 
 def _num_buckets(width: int) -> int:
-    return max(64, width // 4)
+    return max(64, width // 8)
 
 
 def match_ranks(dist: Tensor, gidx: Tensor, match: Tensor, junk: Tensor,
@@ -166,6 +211,10 @@ def match_ranks(dist: Tensor, gidx: Tensor, match: Tensor, junk: Tensor,
     junk (same camera). Every row needs at least one match. ``workspace``: buffers to reuse (one is
     made when absent). Returns ``(ranks long[C, M], n long[C])``: ``ranks[q, :n[q]]`` ascending,
     ``M = max(n)``.
+
+    The i-th match (0-based, in (distance, gallery index) order) has rank i + the number of "others"
+    (kept entries that are not matches) placed before it. Others whose bucket holds no match are
+    counted from a histogram of buckets; the rest ("candidates") are compared exactly.
     """
     dist = dist.contiguous()
     if not _all_finite(dist):
@@ -173,49 +222,67 @@ def match_ranks(dist: Tensor, gidx: Tensor, match: Tensor, junk: Tensor,
     c_rows, width = dist.shape
     device = dist.device
     ws = workspace if workspace is not None else Workspace(c_rows, width, dist.dtype, device)
-    in_group = dist.gather(1, gidx)
     n = match.sum(1)
     m = int(n.max())
-    s, order = torch.where(match, in_group, _INF).sort(dim=1, stable=True)
+    s, order = torch.where(match, dist.gather(1, gidx), _INF).sort(dim=1, stable=True)
     s, j = s[:, :m].contiguous(), gidx.gather(1, order[:, :m])  # match distances ascending [C, M], their columns
     in_m = torch.arange(m, device=device) < n[:, None]
 
-    # Buckets b(x) = trunc(clamp((x - s_1) * scale + 1, 0, B + 1)): a monotone map, s_n lands near B - 1.
-    # An entry whose bucket holds no match is below match i exactly when its bucket is below match i's.
+    # Buckets b(x) = trunc(clamp((x - s_1) * scale, -1, B) + 1): a monotone map, s_n lands near B - 1.
+    # An entry whose bucket holds no match is before match i exactly when its bucket is below match i's.
     buckets = _num_buckets(width)
     span = buckets + 2
     lo = s[:, :1]
     scale = ((buckets - 2) / (s.gather(1, (n - 1)[:, None]) - lo)).clamp_(1e-30, 1e30)  # finite, > 0
-    real = torch.sub(dist, lo, out=ws.take("real", c_rows)).mul_(scale).add_(1.0).clamp_(0, buckets + 1)
-    b = ws.take("index", c_rows).copy_(real)
-    b += (torch.arange(c_rows, device=device, dtype=ws.index_dtype) * span)[:, None]  # flat ids over rows
-    flat_b = b.view(-1)
+    # Flat bucket ids over the chunk: row r owns [r * span, r * span + B + 1]. The row offset is added in
+    # floating point, exact at the range ends (integers below 2**24) and monotone in between.
+    if c_rows * span > MAX_BUCKET_IDS:
+        raise ValueError(f"chunk of {c_rows} queries x {width} gallery entries is too large: at most "
+                         f"{MAX_BUCKET_IDS // span} queries per chunk (see chunk_rows)")
+    real = torch.sub(dist, lo, out=ws.take("real", c_rows)).mul_(scale).clamp_(-1.0, buckets)
+    real += torch.arange(c_rows, device=device, dtype=dist.dtype)[:, None] * span + 1.0
+    flat_b = ws.take("index", c_rows).copy_(real).view(-1)
+
+    # Matches and junk are no "others": leave them out of both the candidates and the histogram.
     # A match's bucket is read back from b itself, so it is computed exactly like every other entry's.
+    b = flat_b.view(c_rows, width)
     match_b = torch.where(in_m, b.gather(1, j), b.gather(1, j[:, :1])).long()  # padding -> a marked bucket
+    own = gidx + torch.arange(c_rows, device=device)[:, None] * width  # flat positions of the identity
+    own = own[match | junk]
     marked = torch.zeros(c_rows * span, dtype=torch.bool, device=device)
     marked[match_b.view(-1)] = True
     flag = torch.index_select(marked, 0, flat_b, out=ws.take("flag", c_rows).view(-1))
-    cand = flag.nonzero().squeeze(1)  # entries sharing a bucket with a match
+    flag[own] = False
+    cand = _nonzero(ws.flag, flag.numel())  # others sharing a bucket with a match
     hist = torch.bincount(flat_b, minlength=c_rows * span)
-    hist -= torch.bincount(flat_b[cand], minlength=c_rows * span)
+    drop = torch.cat([flat_b[cand], flat_b[own]]).long()
+    hist.index_put_((drop,), torch.full_like(drop, -1), accumulate=True)
     hist = hist.view(c_rows, span)
-    others_below = (hist.cumsum(1) - hist).view(-1)  # non-candidates in lower buckets of the row
+    below = (hist.cumsum(1) - hist).view(-1)[match_b]  # others in buckets below each match's
 
     # Candidates, packed per row [C, K], are compared exactly: (distance, column) lexicographically.
     row = torch.div(cand, width, rounding_mode="floor")
     per_row = torch.bincount(row, minlength=c_rows)
-    k = int(per_row.max())
+    k = int(per_row.max()) if cand.numel() else 0
     at = row * k + torch.arange(cand.numel(), device=device) - (per_row.cumsum(0) - per_row)[row]
     values = torch.full((c_rows * k,), _INF, dtype=dist.dtype, device=device)
     values[at] = dist.view(-1)[cand]
     columns = torch.zeros(c_rows * k, dtype=torch.int64, device=device)
     columns[at] = cand - row * width
     filled = torch.arange(k, device=device) < per_row[:, None]
+    before = _lex_count(values.view(c_rows, k), columns.view(c_rows, k), filled, s, j, in_m, width)
+    return below + before + torch.arange(m, device=device), n
 
-    ranks = (others_below[match_b]
-             + _lex_count(values.view(c_rows, k), columns.view(c_rows, k), filled, s, j, in_m, width)
-             - _lex_count(torch.where(junk, in_group, _INF), gidx, junk, s, j, in_m, width))
-    return ranks, n
+
+def _nonzero(buffer: Tensor, count: int) -> Tensor:
+    """Indices long[K] of the True entries among the first ``count`` of ``buffer`` bool[>= count rounded
+    up to 8]. They are sparse, so 8-byte words are scanned first and only the nonzero ones expanded:
+    about twice as cheap as ``nonzero()`` on the bytes."""
+    end = (count + 7) // 8 * 8
+    buffer[count:end] = False
+    hit = buffer[:end].view(torch.int64).nonzero().squeeze(1)
+    sub, byte = buffer.view(-1, 8)[hit].nonzero(as_tuple=True)
+    return hit[sub] * 8 + byte
 
 
 def _lex_count(values: Tensor, columns: Tensor, valid: Tensor, s: Tensor, j: Tensor, in_m: Tensor,
@@ -229,16 +296,19 @@ def _lex_count(values: Tensor, columns: Tensor, valid: Tensor, s: Tensor, j: Ten
     first = torch.searchsorted(s, s)  # start of s_i's group of equal distances
     # Strictly smaller distance: with r_e = #{s <= v_e} and s_i in s, v_e < s_i <=> r_e <= #{s < s_i}.
     r = torch.searchsorted(s, values, right=True)
-    less = _row_bincount(torch.where(valid, r, m), m + 1).cumsum_(1).gather(1, first)
-    # Equal distance, smaller column: e precedes the matches of its group from position p_e on.
-    g = torch.searchsorted(s, values)
-    tied = valid & (s.gather(1, g.clamp(max=m - 1)) == values)
-    keys = torch.where(in_m, first * (width + 1) + j, torch.iinfo(torch.int64).max)  # ascending in i
-    p = torch.searchsorted(keys, g * (width + 1) + columns, right=True)
-    p = torch.where(tied & (p < r), p, m)  # r_e is the end of e's group
-    seen = F.pad(_row_bincount(p, m + 1).cumsum_(1), (1, 0))  # seen[x] = #{p_e < x}
-    upto = torch.arange(1, m + 1, device=s.device).expand_as(s)
-    return less + seen.gather(1, upto) - seen.gather(1, first)
+    count = _row_bincount(torch.where(valid, r, m), m + 1).cumsum_(1).gather(1, first)
+    # Equal distance (rare with real features): e precedes the matches of its group of equal distances
+    # (which ends at r_e) from the first one with a larger column on, p_e.
+    last = (r - 1).clamp_(min=0)
+    tied = valid & (r > 0) & (s.gather(1, last) == values)
+    if bool(tied.any()):
+        keys = torch.where(in_m, first * (width + 1) + j, torch.iinfo(torch.int64).max)  # ascending in i
+        p = torch.searchsorted(keys, first.gather(1, last) * (width + 1) + columns, right=True)
+        p = torch.where(tied & (p < r), p, m)
+        seen = F.pad(_row_bincount(p, m + 1).cumsum_(1), (1, 0))  # seen[x] = #{p_e < x}
+        upto = torch.arange(1, m + 1, device=s.device).expand_as(s)
+        count += seen.gather(1, upto) - seen.gather(1, first)
+    return count
 
 
 def _row_bincount(values: Tensor, length: int) -> Tensor:
