@@ -117,6 +117,9 @@ def test_save_atomic_resolves_folders_and_leaves_no_temp_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["x.pt"]
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         ckpt.load(tmp_path / "missing.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="notes.txt"):
+        ckpt.load(tmp_path / "notes.txt")
 
 
 def test_rng_state_round_trip_reproduces_every_generator():
@@ -139,3 +142,164 @@ def test_scalar_logger_writes_tags_and_skips_non_numbers(tmp_path):
     silent = ScalarLogger(None)
     silent.scalars("train", {"x": 1.0}, 0)
     assert not silent.enabled
+
+
+# ---- real trainings on a tiny synthetic dataset ----------------------------
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """24 identities x 3 cameras x 3 images at 64x32: 108 training, 36 query, 72 gallery JPEGs."""
+    from reid_core.data import synthetic
+
+    return synthetic.generate(tmp_path_factory.mktemp("tiny") / "data", "market1501", ids=24, cams=3,
+                              images_per_id_cam=3, height=64, width=32, seed=0)
+
+
+def tiny_config(root, out_dir, **overrides) -> Config:
+    """ResNet-18 at 64x32, batches of 4 ids x 4 images, CPU, no workers."""
+    base = {"data.dataset": "synthetic", "data.root": str(root), "data.height": 64, "data.width": 32,
+            "data.batch_size": 16, "data.num_instance": 4, "data.workers": 0, "data.padding": 4,
+            "model.arch": "resnet18", "framework.name": "moreid", "framework.dict_size": 128,
+            "framework.momentum": 0.99, "optim.lr": 3.5e-4, "train.epochs": 2, "train.eval_period": 100,
+            "train.device": "cpu", "train.log_every": 2, "train.output_dir": str(out_dir), "eval.batch_size": 64}
+    base.update(overrides)
+    return Config().replace(base)
+
+
+def _state(trainer) -> dict[str, torch.Tensor]:
+    """Every tensor a run carries forward: f_q, f_k, the dictionary."""
+    return {k: v.detach().clone() for k, v in trainer.framework.state_dict().items()}
+
+
+def test_freeze_trains_only_the_heads_for_freeze_iters(tiny_root, tmp_path):
+    from reid_core.engine.trainer import Trainer
+
+    cfg = tiny_config(tiny_root, tmp_path, **{"optim.freeze_iters": 2, "optim.weight_decay": 5e-4,
+                                              "train.epochs": 1, "train.iters_per_epoch": 3})
+    tr = Trainer(cfg, log_dir=tmp_path / "tb")
+    backbone = dict(tr.model.backbone.named_parameters())
+    heads = {n: p for n, p in tr.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad}
+    assert heads and backbone
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    batches = iter(tr.train_loader)
+    for _ in range(2):
+        images, labels, _ = next(batches)
+        tr.train_step(images, labels)
+    assert [n for n, p in backbone.items() if not torch.equal(p, before[f"backbone.{n}"])] == []
+    assert all(not tr.optimizer.state.get(p) for p in backbone.values())  # no Adam moments either
+    assert [n for n, p in heads.items() if torch.equal(p, before[n])] == []
+    images, labels, _ = next(batches)
+    tr.train_step(images, labels)
+    unchanged = [n for n, p in backbone.items() if torch.equal(p, before[f"backbone.{n}"])]
+    assert unchanged == []
+    tr.close()
+
+
+def test_resume_equals_uninterrupted_training(tiny_root, tmp_path):
+    import shutil
+
+    from reid_core.engine.trainer import Trainer
+
+    overrides = {"train.epochs": 2, "train.iters_per_epoch": 3, "train.eval_period": 1, "optim.warmup_iters": 2,
+                 "optim.freeze_iters": 1, "optim.cosine_delay_epochs": 1, "optim.grad_clip": 5.0,
+                 "data.random_erasing": 0.5}
+    straight = Trainer(tiny_config(tiny_root, tmp_path / "a", **overrides))
+    saved = tmp_path / "epoch1.pt"
+    seen = []
+
+    def keep_epoch_1(epoch, metrics):
+        seen.append(epoch)
+        if epoch == 1:
+            shutil.copy(straight.checkpoint_dir / "checkpoint.pt", saved)
+
+    final_a = straight.fit(on_epoch_end=keep_epoch_1)
+    assert seen == [1, 2] and {"mAP", "R1", "mINP", "loss/total"} <= set(final_a)
+
+    resumed = Trainer(tiny_config(tiny_root, tmp_path / "b", **overrides))
+    resumed.load_checkpoint(saved)
+    assert (resumed.epoch, resumed.iteration) == (1, 3)
+    final_b = resumed.fit()
+    final_a.pop("images_per_s")
+    final_b.pop("images_per_s")
+    assert final_b == final_a  # every loss term, lr, hard counts, mAP/CMC: bit for bit
+    state_a, state_b = _state(straight), _state(resumed)
+    assert state_a.keys() == state_b.keys() and any(k.startswith("key_encoder.") for k in state_a)
+    assert [k for k in state_a if not torch.equal(state_a[k], state_b[k])] == []
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+    straight.close()
+    resumed.close()
+
+
+def test_short_training_beats_the_untrained_model_and_logs_tensorboard(tiny_root, tmp_path):
+    from reid_core.engine.trainer import Trainer
+
+    epochs = 5
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": epochs, "train.eval_period": epochs,
+                                              "optim.lr": 1e-3, "optim.cosine_delay_epochs": epochs})
+    tr = Trainer(cfg, log_dir=tmp_path / "tb")
+    before = tr.evaluate()  # the same initial weights the training starts from
+    seen = []
+    final = tr.fit(on_epoch_end=lambda epoch, metrics: seen.append((epoch, "mAP" in metrics)))
+    tr.close()
+    assert seen == [(e, e == epochs) for e in range(1, epochs + 1)]
+    assert final["mAP"] > before["mAP"] + 5.0, (before, final)
+    assert set(final) >= {"loss/total", "loss/ce", "loss/metric", "hard/pos", "hard/neg", "dict/fill", "lr",
+                          "epoch", "images_per_s", "mAP", "R1", "R5", "R10", "mINP", "cmc"}
+    assert final["dict/fill"] == 1.0 and final["hard/neg"] >= 1.0 and final["hard/pos"] >= 1.0
+    assert 0.0 <= final["R1"] <= final["R5"] <= final["R10"] <= 100.0 and len(final["cmc"]) == cfg.eval.max_rank
+    assert final["loss/total"] == pytest.approx(final["loss/ce"] + final["loss/metric"])
+    assert (tmp_path / "checkpoints" / "checkpoint.pt").is_file()
+
+    tags = _scalar_tags(tmp_path / "tb")
+    names = ["loss/total", "loss/ce", "loss/metric", "hard/pos", "hard/neg", "dict/fill", "lr"]
+    expected = {f"train/{n}" for n in names} | {f"epoch/{n}" for n in names} | {"epoch/images_per_s"} \
+        | {f"eval/{n}" for n in ("mAP", "R1", "R5", "R10", "mINP")}
+    assert expected <= set(tags), expected - set(tags)
+    steps = epochs * tr.iters_per_epoch
+    assert [e.step for e in tags["train/loss/total"]] == list(range(2, steps + 1, 2))  # log_every = 2
+    assert [e.step for e in tags["epoch/loss/total"]] == list(range(1, epochs + 1))
+    assert [(e.step, round(e.value, 4)) for e in tags["eval/mAP"]] == \
+        [(0, round(before["mAP"], 4)), (epochs, round(final["mAP"], 4))]
+
+
+def _ddp_worker(rank: int, world_size: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from reid_core.engine.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world_size)
+    try:
+        cfg = tiny_config(root, out, **{"train.epochs": 1, "train.iters_per_epoch": 2})
+        tr = Trainer(cfg, log_dir=f"{out}/tb")
+        metrics = tr.train_epoch()
+        metrics.update(tr.evaluate())
+        path = tr.save_checkpoint(f"{out}/ckpt.pt")
+        state = {k: v for k, v in tr.framework.state_dict().items() if not k.startswith("encoder.")}
+        state.update({f"model.{k}": v for k, v in tr.model.state_dict().items()})
+        torch.save({"state": state, "metrics": metrics, "path": str(path), "wrapped": type(tr.framework.encoder).__name__},
+                   f"{out}/rank{rank}.pt")
+        tr.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_keeps_ranks_identical(tiny_root, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tiny_root), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["wrapped"] == "DistributedDataParallel"
+    # f_q by DDP, f_k by the momentum update of identical f_q, the dictionary by all-gathered keys.
+    # BatchNorm running statistics are the exception: DDP broadcasts rank 0's at the start of each
+    # forward, then each rank's own batch updates them.
+    differ = [k for k in r0["state"] if not torch.equal(r0["state"][k], r1["state"][k])]
+    assert differ and all(k.endswith(("running_mean", "running_var")) for k in differ), differ
+    assert any(k.startswith("key_encoder.") for k in r0["state"]) and "dictionary.keys" in r0["state"]
+    assert int(r0["state"]["dictionary.ptr"]) == 2 * 2 * 16  # 2 steps x 2 ranks x 16 keys
+    m0, m1 = r0["metrics"], r1["metrics"]
+    m0.pop("images_per_s"), m1.pop("images_per_s")
+    assert m0 == m1 and "mAP" in m0  # rank 0 evaluates and broadcasts; losses are averaged over ranks
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert len(saved["rng"]) == 2 and saved["iteration"] == 2
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 writes, rank 1 does not

@@ -17,6 +17,10 @@ import torch
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the run; the message names the file."""
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """``path`` itself, or ``path/checkpoint.pt`` when ``path`` is an existing directory."""
     path = Path(path)
@@ -46,8 +50,14 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    # weights_only=False: the file holds numpy and python RNG states besides tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # weights_only=False: the file holds numpy and python RNG states besides tensors.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling errors come in many types
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(state).__name__})")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

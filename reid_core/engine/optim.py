@@ -22,13 +22,13 @@ from reid_core.config import Config, OptimConfig
 
 
 def trainable_parameters(framework: nn.Module) -> list[nn.Parameter]:
-    """Parameters the optimizer updates: all of f_q (``framework.encoder``) plus any other
-    framework parameter that requires grad (e.g. a learnable loss); f_k's parameters do not
-    require grad and are left to the momentum update."""
+    """Parameters the optimizer updates: every framework parameter that requires grad, i.e. f_q
+    (``framework.encoder``) and any learnable loss parameter. f_k's parameters do not require grad
+    (the momentum update moves them), nor does the BNNeck bias (fixed at 0)."""
     seen: set[int] = set()
     params: list[nn.Parameter] = []
-    for p in list(framework.encoder.parameters()) + [p for p in framework.parameters() if p.requires_grad]:
-        if id(p) not in seen:
+    for p in framework.parameters():
+        if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
     return params

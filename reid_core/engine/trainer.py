@@ -1,0 +1,364 @@
+"""The training engine: one process, or one rank of a torch.distributed (DDP) job.
+
+``Trainer`` owns everything a run needs (data, model, framework, optimizer, schedule, AMP scaler,
+TensorBoard) and exposes the loop in pieces so that it can be driven from outside (Ray Train):
+
+    while trainer.epoch < cfg.train.epochs:
+        metrics = trainer.train_epoch()
+        if trainer.eval_due():
+            metrics.update(trainer.evaluate())
+        trainer.save_checkpoint(folder)           # every rank calls it; rank 0 writes
+        report(metrics)
+
+:meth:`Trainer.fit` is that loop with checkpoints in ``{output_dir}/checkpoints``.
+
+Distributed: when ``torch.distributed`` is initialised, f_q (``framework.encoder``) is wrapped in
+DistributedDataParallel, the P x K sampler gives each rank a disjoint share, training metrics are
+averaged over ranks, and evaluation runs on rank 0 only (the test sets are small next to training, and
+splitting them would need a feature all-gather for no gain); the other ranks wait for rank 0's
+metrics in a broadcast, so every rank returns the same dict. Only rank 0 writes TensorBoard and
+checkpoints.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from reid_core.config import Config, ConfigError
+from reid_core.data import build_test_loader, build_train_loader, dataset_num_classes, load_dataset
+from reid_core.engine import checkpoint as ckpt
+from reid_core.engine.optim import (backbone_parameters, build_optimizer, build_scheduler, drop_grads,
+                                    trainable_parameters)
+from reid_core.engine.tensorboard import ScalarLogger
+from reid_core.evaluation import evaluate_features, extract_features
+from reid_core.models import build_model
+from reid_core.moreid import build_framework
+
+# Training metric name -> key of StepOutput.stats it is read from (missing keys count as 0).
+STAT_METRICS = {"hard/pos": "hard_pos", "hard/neg": "hard_neg", "dict/fill": "dict_fill"}
+TRAIN_METRICS = ("loss/total", "loss/ce", "loss/metric", *STAT_METRICS, "lr")
+EVAL_METRICS = ("mAP", "R1", "R5", "R10", "mINP")
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU. On CUDA the device is ``LOCAL_RANK`` when set
+    (torchrun) or the current CUDA device (what Ray Train selects)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    local_rank = os.environ.get("LOCAL_RANK")
+    index = int(local_rank) if local_rank is not None and int(local_rank) < torch.cuda.device_count() \
+        else torch.cuda.current_device()
+    return torch.device("cuda", index)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+class TrainStep:
+    """One optimizer step of a framework, with everything it needs: optimizer, per-iteration
+    schedule, AMP scaler, backbone freeze and gradient clipping. :class:`Trainer` drives one; the
+    step benchmark times one directly.
+
+    ``framework`` must already be on ``device`` (and in channels_last when ``channels_last``);
+    ``model`` is f_q unwrapped (its ``backbone`` is what ``optim.freeze_iters`` freezes).
+    """
+
+    def __init__(self, cfg: Config, framework: nn.Module, model: nn.Module, device: torch.device,
+                 iters_per_epoch: int, *, amp: bool = False, channels_last: bool = False) -> None:
+        self.cfg = cfg
+        self.framework = framework
+        self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
+        self.params = trainable_parameters(framework)
+        self.optimizer = build_optimizer(cfg, framework)
+        self.scheduler = build_scheduler(cfg, self.optimizer, iters_per_epoch)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        self.frozen = backbone_parameters(model) if cfg.optim.freeze_iters > 0 else []
+        self.iteration = 0  # optimizer steps taken
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        """One optimizer step on a batch (images float[B,3,H,W], labels long[B]); returns the
+        framework's StepOutput. Order: forward (autocast), scaled backward, freeze, clip, step,
+        momentum update of f_k, schedule."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.framework(images, labels)
+        self.scaler.scale(out.loss).backward()
+        freeze = self.iteration < self.cfg.optim.freeze_iters
+        clip = self.cfg.optim.grad_clip
+        if freeze or clip > 0:
+            self.scaler.unscale_(self.optimizer)
+        if freeze:
+            drop_grads(self.frozen)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        unwrap(self.framework).after_optimizer_step()
+        self.scheduler.step()
+        self.iteration += 1
+        return out
+
+
+class Trainer:
+    """Trains and evaluates one model described by ``cfg`` (see the module docstring).
+
+    ``log_dir``: TensorBoard folder (default ``{train.output_dir}/tensorboard``). ``device``
+    overrides ``train.device`` (e.g. the device Ray Train assigned to this worker).
+    """
+
+    def __init__(self, cfg: Config, *, log_dir: str | os.PathLike | None = None,
+                 device: torch.device | str | None = None) -> None:
+        self.cfg = cfg.validate()
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+        on_cuda = self.device.type == "cuda"
+        self.amp = cfg.train.amp and on_cuda
+        self.channels_last = cfg.train.channels_last and on_cuda
+        if on_cuda:
+            torch.cuda.set_device(self.device)
+
+        ckpt.seed_all(cfg.train.seed)  # same on every rank: identical initial weights
+        self.dataset = load_dataset(cfg.data)  # synthetic data are generated into the cache when root is empty
+        self.num_classes = dataset_num_classes(self.dataset)
+        self.train_loader = build_train_loader(self.dataset, cfg.data, rank=self.rank,
+                                               world_size=self.world_size, seed=cfg.train.seed)
+        self.iters_per_epoch = cfg.train.iters_per_epoch or len(self.train_loader)
+        if self.iters_per_epoch < 1:
+            raise ConfigError(f"the training split of {cfg.data.dataset} gives no batch of "
+                              f"data.batch_size={cfg.data.batch_size}")
+        self.query_loader = build_test_loader(self.dataset.query, cfg.data, cfg.eval.batch_size)
+        self.gallery_loader = build_test_loader(self.dataset.gallery, cfg.data, cfg.eval.batch_size)
+
+        self.model = build_model(cfg.model, self.num_classes)
+        self.framework = build_framework(cfg, self.model).to(self.device)
+        if self.channels_last:
+            self.framework.to(memory_format=torch.channels_last)
+        self.step = TrainStep(cfg, self.framework, self.model, self.device, self.iters_per_epoch,
+                              amp=self.amp, channels_last=self.channels_last)
+        self.optimizer, self.scheduler, self.scaler = self.step.optimizer, self.step.scheduler, self.step.scaler
+        if self.distributed:
+            self.framework.encoder = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if on_cuda else None, find_unused_parameters=False)
+
+        self.epoch = 0  # epochs completed
+        self.sampler_pass = 0  # passes over the sampler started (its epoch number)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        if log_dir is None:
+            log_dir = self.output_dir / "tensorboard"
+        self.logger = ScalarLogger(log_dir if self.rank == 0 else None)
+        ckpt.seed_all(cfg.train.seed + self.rank)  # per-rank stream for data augmentation
+
+    # ---- training -------------------------------------------------------
+    @property
+    def iteration(self) -> int:
+        """Optimizer steps taken."""
+        return self.step.iteration
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor):
+        """One optimizer step (see :class:`TrainStep`); returns the framework's StepOutput."""
+        return self.step(images, labels)
+
+    def _batches(self) -> Iterator[Any]:
+        """Training batches without end: a new sampler pass (with its own shuffle) whenever one runs out."""
+        while True:
+            _set_sampler_epoch(self.train_loader, self.sampler_pass)
+            self.sampler_pass += 1
+            yield from self.train_loader
+
+    def train_epoch(self) -> dict[str, float]:
+        """Train ``iters_per_epoch`` steps; returns epoch means of :data:`TRAIN_METRICS` (averaged
+        over ranks) plus ``epoch`` (epochs completed) and ``images_per_s`` (all ranks together)."""
+        self.framework.train()
+        log_every = self.cfg.train.log_every
+        loss_sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+        sums = {name: 0.0 for name in (*STAT_METRICS, "lr")}
+        images_seen = 0
+        start = time.perf_counter()
+        for _, (images, labels, *_rest) in zip(range(self.iters_per_epoch), self._batches()):
+            lr = self.optimizer.param_groups[0]["lr"]
+            out = self.train_step(images, labels)
+            losses = torch.stack([out.loss.detach(), out.terms["ce"].detach(), out.terms["metric"].detach()])
+            loss_sums += losses.double()
+            stats = {name: float(out.stats.get(key, 0.0)) for name, key in STAT_METRICS.items()}
+            for name, value in stats.items():
+                sums[name] += value
+            sums["lr"] += lr
+            images_seen += images.shape[0]
+            if self.logger.enabled and self.iteration % log_every == 0:
+                total, ce, metric = losses.tolist()
+                self.logger.scalars("train", {"loss/total": total, "loss/ce": ce, "loss/metric": metric,
+                                              **stats, "lr": lr}, self.iteration)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        n = self.iters_per_epoch
+        values = torch.tensor([*(loss_sums / n).tolist(), *(v / n for v in sums.values()), images_seen / seconds],
+                              dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(values)
+            values[:-1] /= self.world_size  # means average; images/s adds up
+        names = ("loss/total", "loss/ce", "loss/metric", *sums)
+        self.epoch += 1
+        metrics = dict(zip(names, values[:-1].tolist()))
+        metrics.update(epoch=self.epoch, images_per_s=values[-1].item())
+        self.logger.scalars("epoch", {k: v for k, v in metrics.items() if k != "epoch"}, self.epoch)
+        return metrics
+
+    # ---- evaluation -----------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """mAP, R1, R5, R10, mINP and ``cmc`` (list over ranks 1..max_rank), all in percent, of the
+        test encoder (``framework.test_encoder()``) on query vs gallery. Computed on rank 0 and
+        broadcast, so every rank returns the same dict."""
+        metrics: dict[str, Any] | None = None
+        if self.rank == 0:
+            metrics = self._evaluate_local()
+            self.logger.scalars("eval", metrics, self.epoch)
+            self.logger.flush()
+        if self.distributed:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        assert metrics is not None
+        return metrics
+
+    def _evaluate_local(self) -> dict[str, Any]:
+        encoder = unwrap(unwrap(self.framework).test_encoder())
+        e = self.cfg.eval
+        # extract_features switches to eval mode and back; autocast as in training (features come back fp32)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            qf, qp, qc = extract_features(encoder, self.query_loader, self.device, flip=e.flip, progress=False)
+            gf, gp, gc = extract_features(encoder, self.gallery_loader, self.device, flip=e.flip, progress=False)
+        # Ranking runs on the training device (chunked, memory-bounded).
+        result = evaluate_features(qf.to(self.device), gf.to(self.device), qp, gp, qc, gc, metric=e.metric,
+                                   max_rank=e.max_rank, chunk_size=e.chunk_size, memory_budget_mb=e.memory_budget_mb)
+        cmc = [100.0 * float(c) for c in result["cmc"]]
+
+        def rank(k: int) -> float:
+            return cmc[min(k, len(cmc)) - 1]
+
+        return {"mAP": 100.0 * float(result["mAP"]), "R1": rank(1), "R5": rank(5), "R10": rank(10),
+                "mINP": 100.0 * float(result["mINP"]), "cmc": cmc}
+
+    # ---- checkpoints ----------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Write a checkpoint to ``path`` (a file, or a folder that gets ``checkpoint.pt``)
+        atomically. Call it on every rank: RNG states are gathered from all ranks; rank 0 writes.
+        Returns the file path."""
+        rng = ckpt.rng_state()
+        if self.distributed:
+            states: list[Any] = [None] * self.world_size
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        target = ckpt.resolve_path(path)
+        if self.rank == 0:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": self.epoch,
+                "iteration": self.iteration,
+                "sampler_pass": self.sampler_pass,
+                "model": self.model.state_dict(),
+                "framework": self._framework_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": states,
+                "config": self.cfg.to_dict(),
+            }
+            target = ckpt.save_atomic(state, target)
+        return target
+
+    def _framework_state(self) -> dict[str, torch.Tensor]:
+        """The framework's state without f_q, which is saved once under ``model``."""
+        return {k: v for k, v in unwrap(self.framework).state_dict().items() if not k.startswith("encoder.")}
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (any rank count; each rank takes
+        its own RNG state when the counts match, else rank 0's)."""
+        state = ckpt.load(path)
+        where = ckpt.resolve_path(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ckpt.CheckpointError(f"{where} is not a reid_core training checkpoint")
+        try:
+            self.model.load_state_dict(state["model"])
+            missing, unexpected = unwrap(self.framework).load_state_dict(state["framework"], strict=False)
+        except RuntimeError as exc:  # shape mismatches: another architecture or number of classes
+            raise ckpt.CheckpointError(f"checkpoint {where} does not fit this model: {exc}") from exc
+        missing = [k for k in missing if not k.startswith("encoder.")]
+        if missing or unexpected:
+            raise ckpt.CheckpointError(f"checkpoint {where} does not fit the {self.cfg.framework.name} framework: "
+                                       f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.step.iteration = int(state["iteration"])
+        self.sampler_pass = int(state["sampler_pass"])
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else rngs[0])
+
+    # ---- the whole run --------------------------------------------------
+    def eval_due(self) -> bool:
+        """Whether the epoch just completed is evaluated (every ``eval_period``, and the last)."""
+        return self.epoch % self.cfg.train.eval_period == 0 or self.epoch >= self.cfg.train.epochs
+
+    def checkpoint_due(self) -> bool:
+        return self.epoch % self.cfg.train.checkpoint_period == 0 or self.epoch >= self.cfg.train.epochs
+
+    def fit(self, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train from ``self.epoch`` to ``train.epochs``: evaluate when due, checkpoint when due into
+        ``{output_dir}/checkpoints/checkpoint.pt`` (the latest only), then call
+        ``on_epoch_end(epoch, metrics)``. Returns the last epoch's metrics (with its evaluation);
+        a run already complete is evaluated once."""
+        if self.epoch >= self.cfg.train.epochs:
+            return {"epoch": self.epoch, **self.evaluate()}
+        metrics: dict[str, Any] = {}
+        while self.epoch < self.cfg.train.epochs:
+            metrics = self.train_epoch()
+            if self.eval_due():
+                metrics.update(self.evaluate())
+            if self.checkpoint_due():
+                self.save_checkpoint(self.checkpoint_dir / ckpt.CHECKPOINT_FILE)
+            if on_epoch_end is not None:
+                on_epoch_end(self.epoch, metrics)
+        self.logger.flush()
+        return metrics
+
+    def close(self) -> None:
+        self.logger.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _set_sampler_epoch(loader: Any, epoch: int) -> None:
+    """Tell the P x K sampler which pass this is (it reshuffles per pass)."""
+    for owner in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if owner is not None and hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
+            return
