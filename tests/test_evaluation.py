@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from reid_core.evaluation import (evaluate_features, evaluate_rank, evaluate_rank_reference, extract_features,
-                                  pairwise_distances)
+from reid_core.evaluation import (chunk_plan, evaluate_features, evaluate_rank, evaluate_rank_reference,
+                                  extract_features, pairwise_distances)
+from reid_core.evaluation.rank import BYTES_PER_PAIR
 
 
 def _problem(seed: int, num_q: int = 40, num_g: int = 250, ids: int = 15, cams: int = 3, ties: bool = False):
@@ -106,6 +107,29 @@ def test_many_chunks_over_worker_threads(monkeypatch):
     assert torch.get_num_threads() == threads  # intra-op threads restored
 
 
+def test_feature_blocks_split_into_rank_chunks(monkeypatch):
+    import reid_core.evaluation.rank as rank
+
+    q_feats, g_feats, q_pids, g_pids, q_cams, g_cams = _features(4, num_q=50)
+    expected = evaluate_rank(pairwise_distances(q_feats, g_feats), q_pids, g_pids, q_cams, g_cams)
+    monkeypatch.setattr(rank, "CPU_CHUNK_PAIRS", 4 * g_feats.shape[0])  # ranked 4 queries at a time
+    monkeypatch.setattr(rank, "GEMM_BLOCK_ROWS", 12)  # distances for 12 at a time
+    assert rank.chunk_plan(g_feats.shape[0], 4, torch.device("cpu"), block_rows=12) == (12, 4)
+    _assert_same(evaluate_features(q_feats, g_feats, q_pids, g_pids, q_cams, g_cams), expected, tol=1e-12)
+
+
+def test_chunk_plan_respects_the_memory_budget():
+    gallery, budget = 138_517, 1024
+    block, rows = chunk_plan(gallery, 4, torch.device("cpu"), memory_budget_mb=budget, block_rows=256)
+    assert rows == (1 << 21) // gallery and block % rows == 0 and rows < block <= 256
+    used = block * gallery * 4 + rows * gallery * (4 + BYTES_PER_PAIR)
+    assert used <= budget * 2**20
+    block, rows = chunk_plan(gallery, 4, torch.device("cuda"), memory_budget_mb=budget, block_rows=256)
+    assert rows == budget * 2**20 // (gallery * (8 + BYTES_PER_PAIR)) and block == rows  # no room left
+    assert chunk_plan(gallery, 4, torch.device("cpu"), memory_budget_mb=1, block_rows=256) == (1, 1)
+    assert chunk_plan(gallery, 4, torch.device("cpu"), chunk_size=7) == (7, 7)
+
+
 def test_cmc_beyond_the_gallery_size_stays_at_its_last_value():
     dist, q_pids, g_pids, q_cams, g_cams = _problem(5, num_q=10, num_g=12, ids=3)
     expected = evaluate_rank_reference(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50)
@@ -190,6 +214,8 @@ def test_bad_inputs_name_the_argument():
         evaluate_features(q_feats, g_feats, fq, fg, fqc, fgc, chunk_size=-1)
     with pytest.raises(ValueError, match="memory_budget_mb"):
         evaluate_features(q_feats, g_feats, fq, fg, fqc, fgc, memory_budget_mb=0)
+    with pytest.raises(ValueError, match="features too large"):
+        evaluate_features(q_feats * 1e19, g_feats, fq, fg, fqc, fgc)
     with pytest.raises(ValueError, match="q_feats contains NaN"):
         evaluate_features(q_feats.clone().fill_(float("nan")), g_feats, fq, fg, fqc, fgc)
 

@@ -36,6 +36,8 @@ BYTES_PER_PAIR = 48
 # On CPU, chunks of about this many pairs were fastest (the working set stays in cache and the allocator
 # reuses the buffers instead of faulting in fresh pages); measured in benchmarks/evaluation.py.
 CPU_CHUNK_PAIRS = 1 << 21
+# evaluate_features computes distances for up to this many queries at once (budget permitting).
+GEMM_BLOCK_ROWS = 256
 # Bucket ids of one chunk (queries x (gallery / 8 + 2)) stay below this, so that they are exact in float32.
 MAX_BUCKET_IDS = 1 << 23
 _DEFAULT_BUDGET_MB = 1024
@@ -70,8 +72,8 @@ def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metr
     ``q_feats`` float[Q, D], ``g_feats`` float[G, D] (NumPy or tensors; computed on ``g_feats``'s device).
     ``metric``: ``euclidean`` (||q - g||_2) or ``cosine`` (-q^T g of L2-normalised features), see
     :func:`pairwise_distances`. ``chunk_size`` queries per chunk; 0 derives it from ``memory_budget_mb``,
-    the working memory of one chunk (its distances, buckets, flags and sort fallback, see
-    :func:`chunk_rows`); the features themselves come on top. The whole Q x G matrix is never held.
+    the working memory of the chunks in flight (distances, bucket ids, flags, histograms; see
+    :func:`chunk_plan`); the features themselves come on top. The whole Q x G matrix is never held.
     """
     q = _as_tensor(q_feats, "q_feats")
     g = _as_tensor(g_feats, "g_feats")
@@ -94,15 +96,19 @@ def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metr
     for name, x in (("q_feats", q), ("g_feats", g)):
         if not _all_finite(x):
             raise ValueError(f"{name} contains NaN or infinite values")
-    labels = _Labels.build(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], g.device)
     with torch.no_grad():
         gp = _prepare(g, metric)
+        if metric == "euclidean":  # |d|^2 <= 2 (|q|^2 + |g|^2): finite distances, no per-chunk check
+            bound = 2 * (_prepare(q, metric)[1].max() + gp[1].max())
+            if not bound < torch.finfo(dtype).max / 4:
+                raise ValueError(f"features too large for {dtype} distances (squared norms up to {bound / 4:.3g})")
+    labels = _Labels.build(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], g.device)
 
     def distances(idx: Tensor, ws: Workspace) -> Tensor:
         return _distances(_prepare(q.index_select(0, idx), metric), gp, metric, out=ws.take("dist", idx.numel()))
 
     return _evaluate_chunks(labels, g.shape[0], dtype, g.device, max_rank, chunk_size, memory_budget_mb,
-                            distances)
+                            distances, check_finite=False, block_rows=GEMM_BLOCK_ROWS)
 
 
 def pairwise_distances(q: Tensor, g: Tensor, metric: str = "euclidean") -> Tensor:
@@ -117,54 +123,69 @@ def pairwise_distances(q: Tensor, g: Tensor, metric: str = "euclidean") -> Tenso
         return _distances(_prepare(q, metric), _prepare(g, metric), metric)
 
 
-def chunk_rows(num_gallery: int, itemsize: int, device: torch.device, chunk_size: int = 0,
-               memory_budget_mb: float = _DEFAULT_BUDGET_MB) -> int:
-    """Queries per chunk: ``chunk_size`` if set, else as many as ``memory_budget_mb`` allows at
-    ``num_gallery * (2 * itemsize + BYTES_PER_PAIR)`` bytes per query (on CPU also at most about
-    ``CPU_CHUNK_PAIRS`` pairs, which is faster). Either way at most ``MAX_BUCKET_IDS / (num_gallery / 8)``
-    (about 64 M pairs per chunk)."""
+def chunk_plan(num_gallery: int, itemsize: int, device: torch.device, chunk_size: int = 0,
+               memory_budget_mb: float = _DEFAULT_BUDGET_MB, block_rows: int = 1) -> tuple[int, int]:
+    """``(block, rows)``: distances are made ``block`` queries at a time and ranked ``rows`` at a time.
+
+    ``chunk_size`` > 0 sets both. Otherwise ``rows`` is as many queries as ``memory_budget_mb`` allows at
+    ``num_gallery * (2 * itemsize + BYTES_PER_PAIR)`` bytes each (on CPU at most about ``CPU_CHUNK_PAIRS``
+    pairs, which is faster), and ``block`` grows towards ``block_rows`` (a multiple of ``rows``) with
+    what the budget has left at ``num_gallery * itemsize`` bytes per query: a matmul of a few queries
+    against the whole gallery is bound by reading the gallery. Both at most ``MAX_BUCKET_IDS /
+    (num_gallery / 8)`` (about 64 M pairs).
+    """
     cap = max(1, MAX_BUCKET_IDS // (_num_buckets(num_gallery) + 2))
     if chunk_size:
-        return min(chunk_size, cap)
-    per_query = num_gallery * (2 * itemsize + BYTES_PER_PAIR)
-    rows = max(1, int(memory_budget_mb * 2**20) // per_query)
+        return min(chunk_size, cap), min(chunk_size, cap)
+    budget = int(memory_budget_mb * 2**20)
+    work = num_gallery * (itemsize + BYTES_PER_PAIR)  # ranking: scaled copy, bucket ids, flags, transients
+    dist = num_gallery * itemsize
+    rows = min(max(1, budget // (work + dist)), cap)
     if torch.device(device).type == "cpu":
         rows = min(rows, max(1, CPU_CHUNK_PAIRS // num_gallery))
-    return min(rows, cap)
+    block = max(rows, min(block_rows, (budget - rows * work) // dist, cap) // rows * rows)
+    return block, rows
 
 
 def _evaluate_chunks(labels: "_Labels", width: int, dtype: torch.dtype, device: torch.device, max_rank: int,
                      chunk_size: int, memory_budget_mb: float,
-                     distances: Callable[[Tensor, "Workspace"], Tensor]) -> dict:
-    """Rank every chunk of valid queries (``distances(idx, workspace) -> float[C, G]``) and average.
+                     distances: Callable[[Tensor, "Workspace"], Tensor], check_finite: bool = True,
+                     block_rows: int = 1) -> dict:
+    """Rank every block of valid queries (``distances(idx, workspace) -> float[C, G]``) and average.
 
-    On CPU the chunks are spread over ``torch.get_num_threads()`` Python threads with torch's own
+    On CPU the blocks are spread over ``torch.get_num_threads()`` Python threads with torch's own
     intra-op threading set to 1 meanwhile (restored after): a few large independent tasks instead of
     many small parallel regions, which on a busy machine wait on each other at every operation. The
     memory budget is shared between the threads.
     """
     device = torch.device(device)
+    valid = labels.valid.numel()
     workers = torch.get_num_threads() if device.type == "cpu" else 1
-    rows = chunk_rows(width, dtype.itemsize, device, chunk_size, memory_budget_mb / workers)
-    rows = min(rows, labels.valid.numel())
-    workers = min(workers, -(-labels.valid.numel() // rows))
+    block, rows = chunk_plan(width, dtype.itemsize, device, chunk_size, memory_budget_mb / workers, block_rows)
+    block = min(block, valid)
+    rows = min(rows, block)
+    workers = min(workers, -(-valid // block))
     acc = _Accumulator(max_rank, device)
     local = threading.local()
 
-    def work(idx: Tensor) -> tuple[Tensor, Tensor]:
+    def work(idx: Tensor) -> list[tuple[Tensor, Tensor]]:
         ws = getattr(local, "workspace", None)
         if ws is None:
-            ws = local.workspace = Workspace(rows, width, dtype, device)
+            ws = local.workspace = Workspace(rows, width, dtype, device, block_rows=block)
         with torch.no_grad():  # grad mode is per thread
-            return match_ranks(distances(idx, ws), *labels.groups(idx), workspace=ws)
+            dist = distances(idx, ws)
+            return [match_ranks(dist[first:first + rows], *labels.groups(idx[first:first + rows]), workspace=ws,
+                                check_finite=check_finite) for first in range(0, idx.numel(), rows)]
 
     if workers <= 1:
-        for idx in labels.chunks(rows):
-            acc.add(*work(idx))
+        for idx in labels.chunks(block):
+            for ranks, n in work(idx):
+                acc.add(ranks, n)
     else:
         with _intra_op_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="reid-eval") as pool:
-            for ranks, n in pool.map(work, labels.chunks(rows)):
-                acc.add(ranks, n)
+            for parts in pool.map(work, labels.chunks(block)):
+                for ranks, n in parts:
+                    acc.add(ranks, n)
     return acc.result()
 
 
@@ -184,17 +205,18 @@ class Workspace:
     """Buffers for :func:`match_ranks`, reused chunk after chunk: fresh multi-megabyte tensors would
     fault in new pages on every chunk, which costs more than the arithmetic."""
 
-    def __init__(self, rows: int, width: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, rows: int, width: int, dtype: torch.dtype, device, block_rows: int = 0) -> None:
         self.rows, self.width = rows, width
-        self.dist = torch.empty(rows * width, dtype=dtype, device=device)
+        self.block_rows = max(rows, block_rows)
+        self.dist = torch.empty(self.block_rows * width, dtype=dtype, device=device)  # a block's distances
         self.real = torch.empty(rows * width, dtype=dtype, device=device)
         self.index = torch.empty(rows * width, dtype=torch.int32, device=device)
         self.flag = torch.empty((rows * width + 7) // 8 * 8, dtype=torch.bool, device=device)
 
     def take(self, name: str, rows: int) -> Tensor:
         """The first ``rows`` rows of buffer ``name`` as a [rows, width] view."""
-        if rows > self.rows:
-            raise ValueError(f"workspace holds {self.rows} rows, asked for {rows}")
+        if rows > (self.block_rows if name == "dist" else self.rows):
+            raise ValueError(f"workspace buffer {name!r} is too small for {rows} rows")
         return getattr(self, name)[:rows * self.width].view(rows, self.width)
 
 
@@ -203,13 +225,14 @@ def _num_buckets(width: int) -> int:
 
 
 def match_ranks(dist: Tensor, gidx: Tensor, match: Tensor, junk: Tensor,
-                workspace: Workspace | None = None) -> tuple[Tensor, Tensor]:
+                workspace: Workspace | None = None, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     """0-based ranks of each query's true matches among its kept gallery entries (ties: gallery order).
 
     ``dist`` float[C, G] (finite); ``gidx`` long[C, S]: gallery indices of the query's identity, in
     gallery order; ``match`` / ``junk`` bool[C, S]: which of them are true matches (another camera) /
     junk (same camera). Every row needs at least one match. ``workspace``: buffers to reuse (one is
-    made when absent). Returns ``(ranks long[C, M], n long[C])``: ``ranks[q, :n[q]]`` ascending,
+    made when absent); ``check_finite=False`` skips the NaN/inf check (the caller guarantees finite
+    distances). Returns ``(ranks long[C, M], n long[C])``: ``ranks[q, :n[q]]`` ascending,
     ``M = max(n)``.
 
     The i-th match (0-based, in (distance, gallery index) order) has rank i + the number of "others"
@@ -217,7 +240,7 @@ def match_ranks(dist: Tensor, gidx: Tensor, match: Tensor, junk: Tensor,
     counted from a histogram of buckets; the rest ("candidates") are compared exactly.
     """
     dist = dist.contiguous()
-    if not _all_finite(dist):
+    if check_finite and not _all_finite(dist):
         raise ValueError("distmat contains NaN or infinite values")
     c_rows, width = dist.shape
     device = dist.device
@@ -238,7 +261,7 @@ def match_ranks(dist: Tensor, gidx: Tensor, match: Tensor, junk: Tensor,
     # floating point, exact at the range ends (integers below 2**24) and monotone in between.
     if c_rows * span > MAX_BUCKET_IDS:
         raise ValueError(f"chunk of {c_rows} queries x {width} gallery entries is too large: at most "
-                         f"{MAX_BUCKET_IDS // span} queries per chunk (see chunk_rows)")
+                         f"{MAX_BUCKET_IDS // span} queries per chunk (see chunk_plan)")
     real = torch.sub(dist, lo, out=ws.take("real", c_rows)).mul_(scale).clamp_(-1.0, buckets)
     real += torch.arange(c_rows, device=device, dtype=dist.dtype)[:, None] * span + 1.0
     flat_b = ws.take("index", c_rows).copy_(real).view(-1)
