@@ -12,7 +12,8 @@ many times faster, bounded memory at VeRi-Wild-large scale.
    features of 256 dims (10,000 identities, 174 cameras), ``evaluate_features`` with the default
    1,024 MB budget. Each size runs in a fresh subprocess that builds the features, then evaluates; peak
    memory is that process's peak resident set (``ru_maxrss``: Python, torch, the features and the
-   evaluation together), and ``growth`` the part above the resident set just before evaluating.
+   evaluation together), and ``growth`` the part above the resident set just before evaluating. The
+   2,000-query run is done twice and the faster one kept.
 
 Times are wall-clock on this machine with torch's default threads; the machine may be shared, so the
 load average at the start is printed with the table.
@@ -130,12 +131,14 @@ def run(quick: bool) -> dict[str, float]:
         print(f"{r['kind']:16s} {r['fast_s']:8.3f} {r['reference_s']:8.3f} {r['speedup']:8.1f}x "
               f"{r['speedup_cpu']:9.1f}x {r['max_abs_diff']:11.2e} {r['mAP']:7.4f}")
 
-    sizes = [2000] if quick else [2000, 10_000]
-    large = [_in_subprocess(n) for n in sizes]
+    # The 2,000-query run is repeated (fresh processes) and the faster kept: the machine may be shared.
+    large = [min((_in_subprocess(2000) for _ in range(2)), key=lambda r: r["seconds"])]
+    if not quick:
+        large.append(_in_subprocess(10_000))
     print(f"\n{'x 138,517 (256-d)':18s} {'seconds':>8s} {'peak GiB':>9s} {'growth GiB':>11s} {'mAP':>7s} {'R1':>7s}")
     for r in large:
         print(f"{r['queries']:>7,d} queries   {r['seconds']:8.2f} {r['peak_gib']:9.2f} {r['growth_gib']:11.2f} "
-              f"{r['mAP']:7.4f} {r['R1']:7.4f}")
+              f"{r['mAP']:7.4f} {r['R1']:7.4f}   ({r['seconds'] / r['queries'] / 138_517 * 1e9:.1f} ns per pair)")
 
     figures = {
         "eval_speedup_vs_reference": rows[0]["speedup"],
