@@ -34,11 +34,14 @@ def test_small_archs_forward_in_train_and_eval_mode(arch, dim):
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnet101"])
 def test_large_archs_feature_dim(arch):
-    model = build_model(ModelConfig(arch=arch), num_classes=3).eval()
+    model = build_model(ModelConfig(arch=arch, last_stride=1), num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 16)
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 32, 16))
+        out = model(x)
+        fmap = model.backbone(x)
     assert model.feat_dim == 2048
     assert out.feat.shape == (1, 2048) and out.bn_feat.shape == (1, 2048) and out.logits.shape == (1, 3)
+    assert fmap.shape == (1, 2048, 2, 1)  # last stride 1 on Bottleneck blocks: stride 16
 
 
 @pytest.mark.parametrize("last_stride, size", [(1, (4, 2)), (2, (2, 1))])
@@ -47,12 +50,6 @@ def test_last_stride_sets_feature_map_stride(last_stride, size):
     with torch.no_grad():
         fmap = backbone(torch.randn(1, 3, 64, 32))
     assert fmap.shape == (1, 512, *size)  # stride 16 or 32 on a 64 x 32 input
-
-
-def test_last_stride_one_on_bottleneck_too():
-    backbone = ResNetBackbone("resnet50", last_stride=1).eval()
-    with torch.no_grad():
-        assert backbone(torch.randn(1, 3, 32, 16)).shape == (1, 2048, 2, 1)
 
 
 @pytest.mark.parametrize("arch, blocks", [("resnet18", 6), ("resnet50", 13)])
