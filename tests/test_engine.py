@@ -158,8 +158,8 @@ def tiny_root(tmp_path_factory):
 def tiny_config(root, out_dir, **overrides) -> Config:
     """ResNet-18 at 64x32, batches of 4 ids x 4 images, CPU, no workers."""
     base = {"data.dataset": "synthetic", "data.root": str(root), "data.height": 64, "data.width": 32,
-            "data.batch_size": 16, "data.num_instance": 4, "data.workers": 0, "data.padding": 4,
-            "model.arch": "resnet18", "framework.name": "moreid", "framework.dict_size": 128,
+            "data.batch_size": 16, "data.num_instance": 4, "data.workers": 0,
+            "model.arch": "resnet18", "framework.name": "moreid", "framework.dict_size": 256,
             "framework.momentum": 0.99, "optim.lr": 3.5e-4, "train.epochs": 2, "train.eval_period": 100,
             "train.device": "cpu", "train.log_every": 2, "train.output_dir": str(out_dir), "eval.batch_size": 64}
     base.update(overrides)
@@ -233,16 +233,18 @@ def test_resume_equals_uninterrupted_training(tiny_root, tmp_path):
 def test_short_training_beats_the_untrained_model_and_logs_tensorboard(tiny_root, tmp_path):
     from reid_core.engine.trainer import Trainer
 
-    epochs = 5
+    # 8 epochs of 9 steps at a constant lr, no random erasing: mAP goes from about 10 to 28 (about 25 s)
+    epochs = 8
     cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": epochs, "train.eval_period": epochs,
-                                              "optim.lr": 1e-3, "optim.cosine_delay_epochs": epochs})
+                                              "optim.lr": 1e-3, "optim.cosine_delay_epochs": epochs,
+                                              "data.random_erasing": 0.0})
     tr = Trainer(cfg, log_dir=tmp_path / "tb")
     before = tr.evaluate()  # the same initial weights the training starts from
     seen = []
     final = tr.fit(on_epoch_end=lambda epoch, metrics: seen.append((epoch, "mAP" in metrics)))
     tr.close()
     assert seen == [(e, e == epochs) for e in range(1, epochs + 1)]
-    assert final["mAP"] > before["mAP"] + 5.0, (before, final)
+    assert final["mAP"] > before["mAP"] + 10.0, (before, final)
     assert set(final) >= {"loss/total", "loss/ce", "loss/metric", "hard/pos", "hard/neg", "dict/fill", "lr",
                           "epoch", "images_per_s", "mAP", "R1", "R5", "R10", "mINP", "cmc"}
     assert final["dict/fill"] == 1.0 and final["hard/neg"] >= 1.0 and final["hard/pos"] >= 1.0
