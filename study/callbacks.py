@@ -45,11 +45,15 @@ def _number(value: Any) -> float | None:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
+    """A metric (percent) with 4 decimals; empty when missing."""
+    if value is None or not math.isfinite(value):
         return ""
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.4f}".rstrip("0").rstrip(".")
-    return str(value)
+    return f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def _config_cell(value: Any) -> str:
+    """A config value, exactly (``repr`` of a float keeps 1e-06)."""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 class TrialInfo:
@@ -148,7 +152,7 @@ class ResultsCsv(Callback):
         cmc = result.get("best_cmc") or []
         row["cmc"] = json.dumps([round(float(c), 4) for c in cmc]) if evaluated and cmc else ""
         row["searched"] = ";".join(self.info.searched)
-        row.update({key: _cell(value) for key, value in self.info.flat(trial).items()})
+        row.update({key: _config_cell(value) for key, value in self.info.flat(trial).items()})
         return row
 
     def columns(self) -> list[str]:
@@ -264,7 +268,7 @@ class Progress(Callback):
 
     def _values(self, trial: Trial) -> str:
         flat = self.info.flat(trial)
-        return " ".join(f"{k}={_cell(flat[k])}" for k in self.info.searched) or "(base config)"
+        return " ".join(f"{k}={_config_cell(flat[k])}" for k in self.info.searched) or "(base config)"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._say(f"{trial.trial_id} started: {self._values(trial)}  | {self._counts(trials)}")

@@ -36,6 +36,7 @@ FAIL_HOOK_ENV = "MOREID_STUDY_FAIL_AT_EPOCH"  # tests: "<epoch>:<marker file>", 
 # little (the state of a few trials is a few kB).
 TUNE_CHECKPOINT_S = "2"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+DASHBOARD_WAIT_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,8 +142,13 @@ def init_ray(address: str | None) -> bool:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     quiet = {"logging_level": logging.WARNING}
     if address:
-        url = ray.init(address=address, **quiet).dashboard_url
-        ray.shutdown()  # only a connection: the cluster stays up
+        deadline = time.time() + DASHBOARD_WAIT_S  # a head that just started registers its dashboard late
+        while True:
+            url = ray.init(address=address, **quiet).dashboard_url
+            ray.shutdown()  # only a connection: the cluster stays up
+            if url or time.time() > deadline:
+                break
+            time.sleep(2.0)
         if not url:
             raise SpaceError(f"the Ray cluster at {address} runs without its dashboard; start it with "
                              f"--include-dashboard=true (and ray[default] installed): Ray Train needs it to "
@@ -203,6 +209,7 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
 
     started = time.time()
     started_ray = init_ray(address)
+    _forget_previous_session()
     try:
         if started_ray:
             check_local_resources(space)
@@ -251,8 +258,16 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
         write_report(storage)
         return 1 if errors else 0
     finally:
-        if started_ray:
-            ray.shutdown()
+        ray.shutdown()  # stops the local Ray this process started; only disconnects from an existing one
+
+
+def _forget_previous_session() -> None:
+    """Ray Tune caches, per process, the job id of the first Ray session as the key prefix of its trainable
+    registry; a second study run from the same process (tests, benchmarks) on another session would
+    register its trainable under the old job's prefix and its trials would die unscheduled. Reset it."""
+    from ray.tune import registry
+
+    registry._global_registry._prefix = None
 
 
 def _resource_line(resources: dict[str, float]) -> str:

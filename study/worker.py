@@ -110,6 +110,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     world = {"world_size": context.get_world_size(),
              "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"}
     try:
+        if start_epoch >= cfg.train.epochs:
+            # The run had finished before its driver went away: report its final result once more, so
+            # that Tune (which may not have recorded the last epochs) ends the trial with it.
+            ray.train.report(result_of({"epoch": trainer.epoch}, state, start_epoch, world))
         while trainer.epoch < cfg.train.epochs:
             train_metrics = trainer.train_epoch()
             epoch = trainer.epoch

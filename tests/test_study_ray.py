@@ -1,0 +1,257 @@
+"""Studies end to end on a real Ray: tiny ResNet-18 trials on tiny synthetic data (8 identities, 2 cameras,
+32x16 images, 2 iterations per epoch).
+
+- an ASHA study: trials stopped early, and the trials after them still start (DESIGN section 7's trap);
+- a trial of 2 CPU workers (DDP over gloo) whose rank-0 worker dies once and is retried from its checkpoint;
+- a study on a Ray head this test starts on 127.0.0.1 (reached with --address, stopped by its process id);
+- a study whose driver is killed mid-study, resumed with --resume without re-running finished trials.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from study import run
+from study.callbacks import FIXED_COLUMNS
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+TINY_BASE = {
+    "data": {"dataset": "synthetic", "height": 32, "width": 16, "batch_size": 8, "num_instance": 4, "workers": 0,
+             "random_erasing": 0.0,
+             "synthetic": {"ids": 8, "cams": 2, "images_per_id_cam": 2, "height": 32, "width": 16, "seed": 0}},
+    "model": {"arch": "resnet18"},
+    "framework": {"dict_size": 64},
+    "train": {"iters_per_epoch": 2, "eval_period": 1, "device": "cpu", "log_every": 1},
+    "eval": {"batch_size": 16},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_env(tmp_path_factory):
+    """Synthetic data cached per module; no usage reporting (nothing may reach the network)."""
+    saved = {k: os.environ.get(k) for k in ("MOREID_CACHE", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["MOREID_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    yield
+    import ray
+
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def write_space(folder: Path, name: str, epochs: int, parameters: dict, **fields) -> Path:
+    base = yaml.safe_load(yaml.safe_dump(TINY_BASE))
+    base["train"]["epochs"] = epochs
+    space = {"name": name, "description": "test", "base": base, "parameters": parameters, "searcher": "grid",
+             "scheduler": {"type": "none"},
+             "resources": {"max_concurrent": 1, "workers_per_trial": 1, "cpus_per_worker": 1}, **fields}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def trial_progress(study: Path, trial_id: str) -> pd.DataFrame:
+    """Tune's per-trial progress.csv (every result the trial reported)."""
+    (folder,) = [p for p in study.iterdir() if p.is_dir() and f"_{trial_id}_" in p.name]
+    return pd.read_csv(folder / "progress.csv")
+
+
+def test_asha_stops_trials_early_and_later_trials_still_start(tmp_path, capsys):
+    lrs = [3e-3, 1e-6, 1e-3, 3e-6]
+    space = write_space(tmp_path, "asha", 2, {"optim.lr": {"type": "grid", "values": lrs}},
+                        scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2},
+                        resources={"max_concurrent": 2, "workers_per_trial": 1, "cpus_per_worker": 1})
+    start = time.time()
+    assert run.main([str(space), "--storage", str(tmp_path / "studies")]) == 0
+    print(f"ASHA study: {time.time() - start:.0f} s")
+    out = capsys.readouterr().out
+    study = tmp_path / "studies" / "asha"
+    rows = read_csv(study / "results.csv")
+    assert len(rows) == 4  # every trial ran, including those queued behind early-stopped ones
+    statuses = [r["status"] for r in rows]
+    assert set(statuses) <= {"TERMINATED", "STOPPED"}
+    stopped = [r for r in rows if r["status"] == "STOPPED"]
+    assert stopped and all(r["epochs"] == "1" for r in stopped)
+    assert all(r["epochs"] == "2" for r in rows if r["status"] == "TERMINATED")
+    # A trial that started after the first early stop (its resources were given back).
+    assert sorted(float(r["optim.lr"]) for r in rows) == sorted(lrs)
+    assert all(r["final_mAP"] and 0 <= float(r["best_mAP"]) <= 100 for r in rows)
+    assert list(rows[0])[:len(FIXED_COLUMNS)] == list(FIXED_COLUMNS)
+    assert len(list((study / "tensorboard").iterdir())) == 4
+    assert "stopped early by the scheduler at epoch 1" in out
+    assert "results table" in out and "tensorboard --logdir" in out
+    assert (study / "results.md").is_file()
+
+
+def test_two_gloo_workers_and_a_worker_death_resumed_from_checkpoint(tmp_path, monkeypatch):
+    marker = tmp_path / "died"
+    monkeypatch.setenv(run.FAIL_HOOK_ENV, f"1:{marker}")
+    space = write_space(tmp_path, "ddp", 3, {"framework.name": {"type": "grid", "values": ["moreid"]}},
+                        resources={"max_concurrent": 1, "workers_per_trial": 2, "cpus_per_worker": 1})
+    start = time.time()
+    assert run.main([str(space), "--storage", str(tmp_path / "studies")]) == 0
+    print(f"2-worker study with a worker death: {time.time() - start:.0f} s")
+    assert marker.is_file()  # the rank-0 worker did die after epoch 1
+    study = tmp_path / "studies" / "ddp"
+    (row,) = read_csv(study / "results.csv")
+    assert row["status"] == "TERMINATED" and row["epochs"] == "3"
+    progress = trial_progress(study, row["trial_id"])
+    assert list(progress["epoch"]) == [1, 2, 3]  # not restarted from scratch
+    assert list(progress["start_epoch"]) == [0, 1, 1]  # the new worker group loaded the epoch-1 checkpoint
+    assert set(progress["world_size"]) == {2} and set(progress["ddp_backend"]) == {"gloo"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(parents.get(current, []))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_leftovers(pids: list[int], timeout: float) -> None:
+    """Wait for processes this test started to exit; kill (by pid) any still there after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.5)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_study_on_an_existing_head_reached_with_address(tmp_path):
+    port, dashboard = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    # No token authentication on this throwaway head, nor in the driver (a fresh process, as a user runs
+    # it): a driver that names an explicit address sends no token unless RAY_AUTH_MODE=token (Ray 2.60).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--block", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head_tree: list[int] = []
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and head.poll() is None:  # GCS and dashboard both listening
+            with socket.socket() as gcs, socket.socket() as web:
+                if gcs.connect_ex(("127.0.0.1", port)) == 0 and web.connect_ex(("127.0.0.1", dashboard)) == 0:
+                    break
+            time.sleep(0.5)
+        assert head.poll() is None, "the Ray head did not start"
+        space = write_space(tmp_path, "remote", 1, {"loss.name": {"type": "grid", "values": ["he"]}})
+        start = time.time()
+        driver = subprocess.run([sys.executable, "-m", "study.run", str(space), "--storage", str(tmp_path / "studies"),
+                                 "--address", f"127.0.0.1:{port}"], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=300)
+        print(f"study on an existing head: {time.time() - start:.0f} s")
+        assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+        assert f"Ray at 127.0.0.1:{port}" in driver.stdout
+        (row,) = read_csv(tmp_path / "studies" / "remote" / "results.csv")
+        assert row["status"] == "TERMINATED" and row["epochs"] == "1" and row["final_mAP"]
+        head_tree = process_tree(head.pid)
+        assert head.poll() is None  # the study left the cluster it did not start running
+    finally:
+        head_tree = head_tree or process_tree(head.pid)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node on SIGTERM
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            head.kill()  # it drains for up to 30 s; the test does not need to wait for that
+            head.wait()
+        stop_leftovers(head_tree, timeout=5)  # processes of the head this test started
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert head.returncode is not None
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    space = write_space(tmp_path, "resume", 3, {"optim.lr": {"type": "grid", "values": [1e-3, 3e-4]}})
+    storage = tmp_path / "studies"
+    study = storage / "resume"
+    results = study / "results.csv"
+    log = (tmp_path / "driver.log").open("w")  # a file, not a pipe nobody reads (it would fill and block)
+    started = time.time()
+    driver = subprocess.Popen([sys.executable, "-m", "study.run", str(space), "--storage", str(storage)],
+                              cwd=REPO, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
+    tree: list[int] = []
+    try:
+        deadline = time.time() + 240
+        rows: list[dict[str, str]] = []
+        while time.time() < deadline and driver.poll() is None:
+            rows = read_csv(results) if results.is_file() else []
+            # kill once the first trial finished and the second has a checkpoint past epoch 1
+            if len(rows) >= 2 and rows[0]["status"] == "TERMINATED" and int(rows[1]["epochs"]) >= 1:
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, "the study ended before it could be interrupted"
+        tree = process_tree(driver.pid)
+        driver.kill()
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        stop_leftovers(tree, timeout=3)  # Ray processes of the killed driver's local cluster
+        log.close()
+    print(f"first driver killed after {time.time() - started:.0f} s")
+    before = read_csv(results)
+    first_id, second_id = before[0]["trial_id"], before[1]["trial_id"]
+    first_progress = trial_progress(study, first_id)
+    assert before[1]["status"] == "RUNNING"
+
+    start = time.time()
+    assert run.main([str(space), "--storage", str(tmp_path / "elsewhere"), "--resume"]) == 2  # nothing to resume
+    assert run.main([str(space), "--storage", str(storage)]) == 2  # the study exists: it needs --resume
+    assert run.main([str(space), "--storage", str(storage), "--resume"]) == 0
+    print(f"resumed study: {time.time() - start:.0f} s")
+    after = read_csv(results)
+    assert [r["trial_id"] for r in after] == [first_id, second_id]
+    assert all(r["status"] == "TERMINATED" and r["epochs"] == "3" for r in after)
+    # The finished trial was not run again: its reported results are exactly those from before.
+    pd.testing.assert_frame_equal(trial_progress(study, first_id), first_progress)
+    # The interrupted trial carried on from its last checkpoint instead of starting over.
+    second = trial_progress(study, second_id)
+    assert second["start_epoch"].iloc[-1] >= 1 and second["epoch"].iloc[-1] == 3
