@@ -196,8 +196,10 @@ def fail_hook() -> dict[str, Any] | None:
     return {"epoch": int(epoch), "marker": marker}
 
 
-def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, address: str | None) -> int:
-    """Run (or resume) the study; prints progress and the final table. Returns the exit status."""
+def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, address: str | None,
+              extra_callbacks: Sequence[Any] = ()) -> int:
+    """Run (or resume) the study; prints progress and the final table. Returns the exit status.
+    ``extra_callbacks``: more Tune callbacks for a new study (benchmarks time trials with one)."""
     import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -236,7 +238,8 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
             info = TrialInfo(space.base, space.searched_keys)
             total = space.total_trials()
             callbacks = [ResultsCsv(storage, storage.name, info, space.epochs), TensorBoardHParams(storage, info),
-                         Progress(info, space.epochs, space.metric, total), CSVLoggerCallback(), JsonLoggerCallback()]
+                         Progress(info, space.epochs, space.metric, total), CSVLoggerCallback(), JsonLoggerCallback(),
+                         *extra_callbacks]
             if space.scheduler.type == "asha":
                 scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs,
                                           grace_period=space.scheduler.grace_epochs,

@@ -6,7 +6,7 @@ writes a checkpoint when due (rank 0 writes; the folder is handed to ``ray.train
 result. Every result holds the last evaluation (``mAP``, ``R1``, ``R5``, ``R10``, ``mINP``, in percent;
 NaN before the first one, with ``eval_epoch`` = 0), the best one so far (``best_*``, ``best_epoch``,
 ``best_cmc``: CMC at ranks 1..20), ``start_epoch`` (the epoch this worker group resumed from),
-``world_size`` and ``ddp_backend`` (``gloo`` / ``nccl``).
+``world_size``, ``ddp_backend`` (``gloo`` / ``nccl``) and ``epoch_s`` (seconds of training and evaluation).
 
 A checkpoint folder holds the Trainer's ``checkpoint.pt`` and ``study_state.json`` (last and best
 evaluation), so a restarted worker group (``ray.train.get_checkpoint()``) carries on where it stopped.
@@ -115,11 +115,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             # that Tune (which may not have recorded the last epochs) ends the trial with it.
             ray.train.report(result_of({"epoch": trainer.epoch}, state, start_epoch, world))
         while trainer.epoch < cfg.train.epochs:
+            began = time.perf_counter()
             train_metrics = trainer.train_epoch()
             epoch = trainer.epoch
             if trainer.eval_due() or epoch in eval_epochs:
                 update_state(state, trainer.evaluate(), epoch, metric, mode)
             result = result_of(train_metrics, state, start_epoch, world)
+            result["epoch_s"] = time.perf_counter() - began  # training + evaluation, without Ray's overheads
             if trainer.checkpoint_due():
                 folder = Path(tempfile.mkdtemp(prefix="ckpt-", dir=scratch))
                 trainer.save_checkpoint(folder)  # every rank takes part; rank 0 writes
