@@ -69,6 +69,10 @@ class TrialInfo:
             self._flat[trial.trial_id] = flatten(trial_config(self.base, trial_params(trial.config)))
         return self._flat[trial.trial_id]
 
+    def epochs(self, trial: Trial) -> int:
+        """The trial's budget (``train.epochs``)."""
+        return int(self.flat(trial)["train.epochs"])
+
     def hparams(self, trial: Trial) -> dict[str, Any]:
         flat = self.flat(trial)
         return {key: flat[key] for key in dict.fromkeys([*self.searched, *HPARAM_KEYS])}
@@ -92,11 +96,10 @@ def session_end_summary(success: bool) -> Any:
 class ResultsCsv(Callback):
     """Keeps one row per trial and rewrites ``results.csv`` atomically whenever a trial reports."""
 
-    def __init__(self, storage: StudyStorage, study: str, info: TrialInfo, max_epochs: int) -> None:
+    def __init__(self, storage: StudyStorage, study: str, info: TrialInfo) -> None:
         self.storage = storage
         self.study = study
         self.info = info
-        self.max_epochs = max_epochs
         self.rows: dict[str, dict[str, str]] = {}
         self.order: list[str] = []
 
@@ -128,7 +131,7 @@ class ResultsCsv(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
         epochs = int(result.get("epoch", 0) or 0)
-        self._update(trial, "TERMINATED" if epochs >= self.max_epochs else "STOPPED", result)
+        self._update(trial, "TERMINATED" if epochs >= self.info.epochs(trial) else "STOPPED", result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._update(trial, "ERROR", trial.last_result or {})
@@ -245,9 +248,8 @@ class Progress(Callback):
     """One line per event a person can follow: trial start (with its values), each epoch (loss, mAP),
     early stops, retries and errors, and a count of trials by state."""
 
-    def __init__(self, info: TrialInfo, max_epochs: int, metric: str, total: int) -> None:
+    def __init__(self, info: TrialInfo, metric: str, total: int) -> None:
         self.info = info
-        self.max_epochs = max_epochs
         self.metric = metric
         self.total = total
         self.start = time.time()
@@ -276,7 +278,7 @@ class Progress(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
         epoch = int(result.get("epoch", 0) or 0)
         loss = _number(result.get("loss/total"))
-        line = f"{trial.trial_id} epoch {epoch}/{self.max_epochs}"
+        line = f"{trial.trial_id} epoch {epoch}/{self.info.epochs(trial)}"
         if loss is not None:
             line += f"  loss {loss:.3f}"
         value = _number(result.get(self.metric))
@@ -295,7 +297,7 @@ class Progress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
         epochs = int(result.get("epoch", 0) or 0)
-        how = "finished" if epochs >= self.max_epochs else f"stopped early by the scheduler at epoch {epochs}"
+        how = "finished" if epochs >= self.info.epochs(trial) else f"stopped early by the scheduler at epoch {epochs}"
         best = _number(result.get(f"best_{self.metric}"))
         tail = f", best {self.metric} {best:.2f}" if best is not None else ""
         self._say(f"{trial.trial_id} {how}{tail}  | {self._counts(trials)}")

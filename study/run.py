@@ -237,8 +237,8 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
         else:
             info = TrialInfo(space.base, space.searched_keys)
             total = space.total_trials()
-            callbacks = [ResultsCsv(storage, storage.name, info, space.epochs), TensorBoardHParams(storage, info),
-                         Progress(info, space.epochs, space.metric, total), CSVLoggerCallback(), JsonLoggerCallback(),
+            callbacks = [ResultsCsv(storage, storage.name, info), TensorBoardHParams(storage, info),
+                         Progress(info, space.metric, total), CSVLoggerCallback(), JsonLoggerCallback(),
                          *extra_callbacks]
             if space.scheduler.type == "asha":
                 scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs,

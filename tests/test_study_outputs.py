@@ -46,7 +46,7 @@ def setup(tmp_path):
 
 def test_results_csv_rows_statuses_and_columns(setup):
     space, info, storage, (a, b, c) = setup
-    cb = ResultsCsv(storage, "demo", info, max_epochs=3)
+    cb = ResultsCsv(storage, "demo", info)
     cb.setup()
     cb.on_trial_start(0, [], a)
     rows = list(csv.DictReader(storage.path(RESULTS_FILE).open()))
@@ -84,10 +84,10 @@ def test_results_csv_rows_statuses_and_columns(setup):
     assert list(frame.status) == ["TERMINATED", "STOPPED", "ERROR"]
 
     # State survives a driver restart: through Tune's callback state, or from the file itself.
-    again = ResultsCsv(storage, "demo", info, max_epochs=3)
+    again = ResultsCsv(storage, "demo", info)
     again.set_state(cb.get_state())
     assert again.rows == cb.rows and again.order == cb.order
-    from_file = ResultsCsv(storage, "demo", info, max_epochs=3)
+    from_file = ResultsCsv(storage, "demo", info)
     from_file.setup()
     assert from_file.order == ["t0", "t1", "t2"] and from_file.rows["t1"]["status"] == "STOPPED"
 
