@@ -233,7 +233,13 @@ class Trainer:
         broadcast, so every rank returns the same dict."""
         metrics: dict[str, Any] | None = None
         if self.rank == 0:
-            metrics = self._evaluate_local()
+            # Test loaders draw a seed from the global RNG; restoring it keeps training independent of
+            # when (and whether) evaluations happen.
+            rng = ckpt.rng_state()
+            try:
+                metrics = self._evaluate_local()
+            finally:
+                ckpt.set_rng_state(rng)
             self.logger.scalars("eval", metrics, self.epoch)
             self.logger.flush()
         if self.distributed:
