@@ -7,10 +7,17 @@ TensorBoard) and exposes the loop in pieces so that it can be driven from outsid
         metrics = trainer.train_epoch()
         if trainer.eval_due():
             metrics.update(trainer.evaluate())
-        trainer.save_checkpoint(folder)           # every rank calls it; rank 0 writes
+        if trainer.checkpoint_due():
+            trainer.save_checkpoint(folder)       # every rank calls it; rank 0 writes
         report(metrics)
 
-:meth:`Trainer.fit` is that loop with checkpoints in ``{output_dir}/checkpoints``.
+:meth:`Trainer.fit` is that loop with the latest checkpoint in ``{output_dir}/checkpoints/checkpoint.pt``.
+
+Checkpoints are one file (a folder path means ``<folder>/checkpoint.pt``) holding f_q, the rest of the
+framework (f_k, dictionary), optimizer, schedule, AMP scaler, epoch, iteration, sampler pass and every
+rank's RNG states. Resuming continues bit for bit with ``data.workers = 0``; with worker processes the
+augmentation streams restart from the restored RNG, so the run is equally valid but not identical.
+Evaluation saves and restores the RNG, so when it happens does not change the training.
 
 Distributed: when ``torch.distributed`` is initialised, f_q (``framework.encoder``) is wrapped in
 DistributedDataParallel, the P x K sampler gives each rank a disjoint share, training metrics are
