@@ -191,7 +191,7 @@ class Config:
         """A validated copy with dotted-key overrides applied (``{"loss.k": 5}``)."""
         tree = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
         return Config.from_dict(tree).validate()
 
     # ---- validation ---------------------------------------------------
@@ -284,7 +284,7 @@ def apply_overrides(tree: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
     out = copy.deepcopy(dict(tree))
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(out, key, value)
+        set_dotted(out, key, value)
     return out
 
 
@@ -308,7 +308,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``key = "a.b.c"``, creating sections as needed."""
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 import yaml
 
-from reid_core.config import Config, ConfigError, config_keys, flatten, parse_override
+from reid_core.config import Config, ConfigError, config_keys, flatten, parse_override, set_dotted
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 PARAM_TYPES = ("uniform", "loguniform", "int", "choice", "grid")
@@ -428,7 +428,10 @@ def parse_space(raw: Mapping[str, Any], *, source: str = "<space>", overrides: I
         if key in known_keys:
             base_over[key] = value
         elif top in TOP_KEYS and top not in ("base", "parameters", "constraints"):
-            _set_dotted(raw, key, value, fail)
+            try:
+                set_dotted(raw, key, value)
+            except ConfigError as exc:
+                raise fail(f"--set {key}: {exc}") from exc
         else:
             raise fail(f"--set {key}: not a config key nor a space setting{_suggest(key, known_keys)}")
 
@@ -795,16 +798,6 @@ def _flat_mapping(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[dotted] = value
     return out
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any, fail) -> None:
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise fail(f"--set {key}: {part!r} is not a section")
-    node[parts[-1]] = value
 
 
 def _suggest(key: str, known: Iterable[str]) -> str:

@@ -8,10 +8,11 @@ the study folder itself when storage is local, else a staging folder on the driv
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from reid_core.files import write_atomic
 
 DEFAULT_STORAGE = "studies"
 
@@ -55,16 +56,7 @@ class StudyStorage:
         """Write a driver file atomically (temporary file + rename), then copy it to the URI if remote."""
         target = self.path(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, lambda fh: fh.write(text.encode("utf-8")))
         self.upload(relative)
         return target
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from reid_core.files import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -32,17 +33,7 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     so a reader never sees a half-written checkpoint. Returns the file written."""
     path = resolve_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
