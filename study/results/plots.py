@@ -65,12 +65,18 @@ def plot_past_positives(table: Table, path: Path) -> Path:
     return _finish(fig, ax, path, f"Past positives (HE, MoReID){_on(table)}", "mAP (%)")
 
 
+def _line_per_column(ax, table: Table) -> np.ndarray:
+    """One error-bar line per table column against the numeric row keys; returns those keys."""
+    xs = np.array([float(row.key) for row in table.rows])
+    for index, (color, label) in enumerate(zip(_COLORS, table.columns)):
+        _errorbar_line(ax, xs, [row.cells[index] for row in table.rows], color, label)
+    return xs
+
+
 def plot_npair_k(table: Table, path: Path) -> Path:
     """mAP against k, one line per framework; the paper's optimum as a dashed vertical line."""
     fig, ax = _figure()
-    ks = np.array([float(row.key) for row in table.rows])
-    for index, (color, label) in enumerate(zip(_COLORS, table.columns)):
-        _errorbar_line(ax, ks, [row.cells[index] for row in table.rows], color, label)
+    ks = _line_per_column(ax, table)
     best_k = PAPER.npair_optimum.params["loss.k"]
     ax.axvline(best_k, color="0.4", linestyle="--", linewidth=1, label=f"paper's optimum k = {best_k}")
     ax.set_xticks(ks, [f"{k:g}" for k in ks])
@@ -81,9 +87,7 @@ def plot_npair_k(table: Table, path: Path) -> Path:
 def plot_dictionary_size(table: Table, path: Path) -> Path:
     """mAP against the dictionary size S (log2 axis), one line per loss."""
     fig, ax = _figure()
-    sizes = np.array([float(row.key) for row in table.rows])
-    for index, (color, label) in enumerate(zip(_COLORS, table.columns)):
-        _errorbar_line(ax, sizes, [row.cells[index] for row in table.rows], color, label)
+    sizes = _line_per_column(ax, table)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [f"{int(s)}" for s in sizes])
     ax.minorticks_off()
