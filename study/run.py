@@ -157,7 +157,8 @@ def init_ray(address: str | None) -> bool:
         return False
     port = _free_port()
     url = f"127.0.0.1:{port}"
-    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    # address="local": never join a cluster that `ray start` left on this machine (ray_current_cluster).
+    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                        runtime_env={"env_vars": _job_env(url)}, **quiet)
     if context.dashboard_url != url:
         ray.shutdown()
