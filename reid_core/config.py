@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, get_type_hints
+from typing import Any, ClassVar, Iterable, Mapping, get_type_hints
 
 import yaml
 
@@ -81,7 +81,7 @@ class LossConfig:
     metric_weight: float = 1.0
     ce_weight: float = 1.0
     label_smoothing: float = 0.1
-    # triplet and he
+    # triplet
     margin: float = 0.3  # 0 = soft margin (softplus)
     # npair
     k: int = 15
@@ -90,22 +90,22 @@ class LossConfig:
     beta: float = 0.4
     tn: float = 10.0
     imbalance: float = 0.5
-    # he
-    slack: float = 0.1
-    weighting: str = "mean"  # mean | softmax
-    tau: float = 0.1
-    max_pos: int = 0  # 0 = no cap
-    max_neg: int = 0  # 0 = no cap
+    # he (the paper's equation; defaults = the authors' config). Our extensions, off by default:
+    he_margin: float = 0.0  # margin inside each (positive, negative) pair
+    he_scale: float = 1.0  # multiplies the loss
+    he_norm: str = "none"  # none (the paper's sum) | elastic (/ elastic count) | positives (/ |P|)
+
+    # loss name -> {config field: keyword argument of build_loss}
+    KNOBS: ClassVar[dict[str, dict[str, str]]] = {
+        "triplet": {"margin": "margin"},
+        "npair": {"k": "k"},
+        "ranked_list": {"alpha": "alpha", "beta": "beta", "tn": "tn", "imbalance": "imbalance"},
+        "he": {"he_margin": "margin", "he_scale": "scale", "he_norm": "norm"},
+    }
 
     def params(self) -> dict[str, Any]:
         """Keyword arguments of ``reid_core.losses.build_loss`` for the chosen loss."""
-        keys = {
-            "triplet": ("margin",),
-            "npair": ("k",),
-            "ranked_list": ("alpha", "beta", "tn", "imbalance"),
-            "he": ("margin", "slack", "weighting", "tau", "max_pos", "max_neg"),
-        }[self.name]
-        return {key: getattr(self, key) for key in keys}
+        return {arg: getattr(self, key) for key, arg in self.KNOBS[self.name].items()}
 
 
 @dataclass
@@ -226,10 +226,10 @@ class Config:
             raise ConfigError(f"model.pretrained: weights file not found: {m.pretrained}")
         _choice("loss.name", l.name, LOSSES)
         _choice("loss.distance", l.distance, DISTANCES)
-        _choice("loss.weighting", l.weighting, ("mean", "softmax"))
-        for name in ("loss.metric_weight", "loss.ce_weight", "loss.margin", "loss.slack",
-                     "loss.max_pos", "loss.max_neg"):
+        _choice("loss.he_norm", l.he_norm, ("none", "elastic", "positives"))
+        for name in ("loss.metric_weight", "loss.ce_weight", "loss.margin", "loss.he_margin"):
             _nonneg(name, _get(self, name))
+        _positive("loss.he_scale", l.he_scale)
         if l.label_smoothing < 0 or l.label_smoothing >= 1:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {l.label_smoothing}")
         if l.k < 1:
@@ -239,7 +239,6 @@ class Config:
         if l.beta >= l.alpha:
             raise ConfigError(f"loss.beta ({l.beta}) must be smaller than loss.alpha ({l.alpha})")
         _prob("loss.imbalance", l.imbalance)
-        _positive("loss.tau", l.tau)
         _nonneg("loss.tn", l.tn)
         _choice("framework.name", f.name, FRAMEWORKS)
         if not 0.0 < f.momentum < 1.0:

@@ -22,11 +22,9 @@ CASES = [
     ("ranked_list", {"alpha": 1.0, "beta": 0.5, "tn": 0.0, "imbalance": 0.3}),
     ("ranked_list", {"tn": 40.0, "imbalance": 1.0}),
     ("he", {}),
-    ("he", {"margin": 0.0, "slack": 0.4}),
-    ("he", {"slack": 0.0}),
-    ("he", {"weighting": "softmax", "tau": 0.2}),
-    ("he", {"slack": 0.6, "max_pos": 2, "max_neg": 3}),
-    ("he", {"weighting": "softmax", "slack": 0.5, "max_pos": 3, "max_neg": 4, "margin": 0.0}),
+    ("he", {"margin": 0.3}),
+    ("he", {"scale": 2.5, "norm": "elastic"}),
+    ("he", {"margin": 0.1, "norm": "positives"}),
 ]
 
 
@@ -106,70 +104,80 @@ def separated_problem(seed: int, b: int = 6, m: int = 40):
     return dist, pos, neg
 
 
-@pytest.mark.parametrize("margin", [0.3, 0.0, 2.0])
-def test_he_equals_batch_hard_triplet_when_each_hard_set_has_one_sample(margin):
-    # slack 0 with separated distances: P_h = {p*}, N_h = {n*}
-    dist, pos, neg = separated_problem(0)
-    he = HardDistanceElasticLoss(margin=margin, slack=0.0)
-    triplet = TripletLoss(margin=margin)
-    he_value, he_grad = run(he, dist, pos, neg)
-    tr_value, tr_grad = run(triplet, dist, pos, neg)
+def test_he_equals_hinge_triplet_with_margin_0_when_each_anchor_has_one_positive():
+    dist, pos, neg = random_problem(8)
+    one = torch.zeros_like(pos)
+    first = torch.where(pos.any(1), pos.float().argmax(1), 0)
+    one[torch.arange(len(first)), first] = pos[torch.arange(len(first)), first]  # keep one positive per anchor
+    dist = torch.where(one & (torch.arange(len(dist)) % 2 == 0)[:, None], 0.01, dist)  # half of them easy
+
+    def hinge_triplet(d, p, n):
+        d_p, d_n = torch.where(p, d, -math.inf).amax(1), torch.where(n, d, math.inf).amin(1)
+        return torch.where(p.any(1) & n.any(1), torch.relu(d_p - d_n), 0.0)
+
+    he_value, he_grad = run(HardDistanceElasticLoss(), dist, one, neg)
+    tr_value, tr_grad = run(hinge_triplet, dist, one, neg)
     torch.testing.assert_close(he_value, tr_value)
     torch.testing.assert_close(he_grad, tr_grad)
-    assert he.stats["hard_pos"] == 1.0 and he.stats["hard_neg"] == 1.0
-    if margin == 2.0:  # active for every anchor: both gradients hit exactly p* and n*
-        assert torch.count_nonzero(he_grad) == 2 * dist.shape[0]
+    assert he_value[2:].gt(0).any() and he_value[2:].eq(0).any()  # both sides of the hinge are exercised
 
 
-def test_he_with_caps_of_one_equals_batch_hard_triplet():
-    dist, pos, neg = random_problem(5)
-    he = HardDistanceElasticLoss(margin=0.3, slack=1.0, max_pos=1, max_neg=1)
-    he_value, he_grad = run(he, dist, pos, neg)
-    tr_value, tr_grad = run(TripletLoss(margin=0.3), dist, pos, neg)
-    torch.testing.assert_close(he_value, tr_value)
-    torch.testing.assert_close(he_grad, tr_grad)
-
-
-def test_he_hard_sets_follow_the_definition_and_gradients_reach_every_hard_sample():
-    # One anchor: positives 0.2, 0.7, 0.9 (p* = 0.9); negatives 0.8, 1.0, 1.05, 1.5 (n* = 0.8); slack 0.2.
-    # P_h = {p: d >= 0.8 - 0.2} = {0.7, 0.9}; N_h = {n: d <= 0.9 + 0.2} = {0.8, 1.0, 1.05}.
-    dist = torch.tensor([[0.2, 0.7, 0.9, 0.8, 1.0, 1.05, 1.5]], dtype=torch.float64)
+def test_he_closed_form_by_hand_elastic_count_and_subgradient():
+    # Positives 0.2, 0.7, 0.95 against negatives 0.8, 0.9, 1.05, 1.5 (sorted far-to-near / near-to-far):
+    # pairs (0.95, 0.8) and (0.7, 0.9), (0.2, 1.05): only the first violates. Elastic count 1, L = 0.15.
+    dist = torch.tensor([[0.2, 0.7, 0.95, 0.8, 0.9, 1.05, 1.5]], dtype=torch.float64)
     pos = torch.tensor([[True, True, True, False, False, False, False]])
-    neg = ~pos
-    he = HardDistanceElasticLoss(margin=0.3, slack=0.2)
-    value, grad = run(he, dist, pos, neg)
-    d_pos, d_neg = (0.7 + 0.9) / 2, (0.8 + 1.0 + 1.05) / 3
-    assert value.item() == pytest.approx(d_pos - d_neg + 0.3)
-    expected = torch.tensor([[0, 1 / 2, 1 / 2, -1 / 3, -1 / 3, -1 / 3, 0]], dtype=torch.float64)
-    torch.testing.assert_close(grad, expected)
-    assert he.stats == {"hard_pos": 2.0, "hard_neg": 3.0, "valid": 1.0}
-    # caps keep the hardest first
-    capped = HardDistanceElasticLoss(margin=0.3, slack=0.2, max_pos=1, max_neg=2)
-    value, grad = run(capped, dist, pos, neg)
-    assert value.item() == pytest.approx(0.9 - (0.8 + 1.0) / 2 + 0.3)
-    assert torch.nonzero(grad[0]).flatten().tolist() == [2, 3, 4]
+    he = HardDistanceElasticLoss()
+    value, grad = run(he, dist, pos, ~pos)
+    assert value.item() == pytest.approx(0.15)
+    torch.testing.assert_close(grad, torch.tensor([[0, 0, 1, -1, 0, 0, 0]], dtype=torch.float64))
+    assert he.stats == {"hard_pos": 1.0, "hard_neg": 1.0, "valid": 1.0}
+    # a margin of 0.3 inside each pair makes the second pair violate too: (0.95-0.8+0.3) + (0.7-0.9+0.3)
+    wide = HardDistanceElasticLoss(margin=0.3)
+    value, grad = run(wide, dist, pos, ~pos)
+    assert value.item() == pytest.approx(0.45 + 0.1)
+    torch.testing.assert_close(grad, torch.tensor([[0, 1, 1, -1, -1, 0, 0]], dtype=torch.float64))
+    assert wide.stats["hard_pos"] == 2.0
+    # normalisations: by the elastic count (2) and by the positive count (3); scale multiplies
+    for norm, denom in (("elastic", 2), ("positives", 3)):
+        value, _ = run(HardDistanceElasticLoss(margin=0.3, scale=4.0, norm=norm), dist, pos, ~pos)
+        assert value.item() == pytest.approx(4.0 * 0.55 / denom)
 
 
-def test_he_uses_more_hard_negatives_when_the_references_hold_more_violators():
+def test_he_matches_brute_force_with_ties():
+    # distances on a grid of 0.25: many exact ties within and across the positive and negative sets
+    for seed in range(4):
+        dist, pos, neg = random_problem(seed, b=12, m=30)
+        dist = (dist * 4).round() / 4
+        for params in ({}, {"margin": 0.25}, {"margin": 0.5, "norm": "elastic"}):
+            value, grad = run(build_loss("he", **params), dist, pos, neg)
+            torch.testing.assert_close(value, reference.he(dist, pos, neg, **params), rtol=0, atol=1e-12)
+            # whichever tied sample receives it, each pair moves its positive by +1 and its negative by -1
+            torch.testing.assert_close(grad.sum(1), torch.zeros(len(grad), dtype=grad.dtype), rtol=0, atol=1e-12)
+            assert torch.all(grad[pos] >= 0) and torch.all(grad[neg] <= 0)
+            assert torch.all(grad[~(pos | neg)] == 0)
+
+
+def test_he_elastic_count_rises_when_the_dictionary_holds_more_violators():
     g = torch.Generator().manual_seed(0)
     b = 8
     batch = torch.cat([0.3 + 0.2 * torch.rand(b, 4, generator=g), 1.2 + 0.3 * torch.rand(b, 12, generator=g)], 1)
     pos = torch.zeros(b, 16, dtype=torch.bool)
     pos[:, :4] = True
     counts = []
-    for violators in (0, 5, 20, 80):
-        # dictionary keys: a number of violators (closer than the hardest positive + slack), the rest far
+    for violators in (0, 1, 2, 3, 40):
+        # dictionary keys: a number of violators (closer than every positive), the rest far away
         past = torch.full((b, 100), 1.8)
-        past[:, :violators] = 0.2 + 0.3 * torch.rand(b, violators, generator=g)
+        past[:, :violators] = 0.05 + 0.2 * torch.rand(b, violators, generator=g)
         dist = torch.cat([batch, past], 1)
         p = torch.cat([pos, torch.zeros(b, 100, dtype=torch.bool)], 1)
         n = torch.cat([~pos, torch.ones(b, 100, dtype=torch.bool)], 1)
-        he = HardDistanceElasticLoss(margin=0.3, slack=0.1)
+        he = HardDistanceElasticLoss()
         _, grad = run(he, dist, p, n)
         counts.append(he.stats["hard_neg"])
-        assert torch.all((grad[:, 16:16 + violators] < 0))  # every violator gets a gradient
-    assert counts[0] >= 1 and counts == sorted(counts) and len(set(counts)) == 4
-    assert counts[-1] >= 80
+        assert he.stats["hard_pos"] == he.stats["hard_neg"]
+        assert torch.count_nonzero(grad[:, :4] > 0) == b * min(violators, 4)  # hard positives: +1 each
+    assert counts == [0.0, 1.0, 2.0, 3.0, 4.0]  # bounded by the 4 positives
 
 
 def test_npair_uses_exactly_the_k_hardest_negatives_and_the_hardest_positive():
@@ -251,10 +259,10 @@ def test_build_loss_from_config_and_bad_input():
     with pytest.raises(ValueError, match="'contrastive'"):
         build_loss("contrastive")
     with pytest.raises(ValueError, match="'slack'"):
-        build_loss("triplet", slack=0.1)
+        build_loss("he", slack=0.1)
     bad = [("triplet", {"margin": -1.0}, "margin"), ("npair", {"k": 0}, "k"), ("npair", {"k": 2.5}, "k"),
            ("ranked_list", {"beta": 1.5}, "beta"), ("ranked_list", {"imbalance": 1.5}, "imbalance"),
-           ("he", {"weighting": "max"}, "weighting"), ("he", {"tau": 0.0}, "tau"), ("he", {"max_neg": -2}, "max_neg")]
+           ("he", {"norm": "max"}, "norm"), ("he", {"scale": 0.0}, "scale"), ("he", {"margin": -0.1}, "margin")]
     for name, params, word in bad:
         with pytest.raises(ValueError, match=word):
             build_loss(name, **params)

@@ -122,8 +122,8 @@ def test_other_dataset_keeps_reference_labelled_and_computes_no_difference(tmp_p
 
 
 def test_best_configuration_is_chosen_and_named_and_unused_knobs_do_not_split_seeds(tmp_path):
-    rows = (seeds("lo", [60.0, 62.0], {**VERI, **HE_MOREID, "loss.slack": 0.1})
-            + seeds("hi", [64.0, 66.0], {**VERI, **HE_MOREID, "loss.slack": 0.2})
+    rows = (seeds("lo", [60.0, 62.0], {**VERI, **HE_MOREID, "loss.he_margin": 0.1})
+            + seeds("hi", [64.0, 66.0], {**VERI, **HE_MOREID, "loss.he_margin": 0.2})
             # loss.k is an N-pair knob: for the triplet loss these two are seeds of one configuration.
             + [trial("t0", 50.0, {**VERI, "loss.name": "triplet", "loss.k": 3, "train.seed": 0}),
                trial("t1", 52.0, {**VERI, "loss.name": "triplet", "loss.k": 9, "train.seed": 1})])
@@ -133,7 +133,7 @@ def test_best_configuration_is_chosen_and_named_and_unused_knobs_do_not_split_se
     assert table.cell(("HE", "MoReID"), "R1").mean == 75.0  # R1 of the same chosen configuration
     assert he.note is not None
     assert table.notes[he.note - 1] == ("HE / MoReID: best of 2 configurations by mean best_mAP: "
-                                        "loss.slack=0.2.")
+                                        "loss.he_margin=0.2.")
     triplet = table.cell(("Triplet", "MoReID"), "mAP")
     assert (triplet.n, triplet.mean, triplet.note) == (2, 51.0, None)
 

@@ -50,26 +50,27 @@ def ranked_list(dist: Tensor, pos: Tensor, neg: Tensor, alpha: float = 1.2, beta
     return _per_anchor(dist, pos, neg, one)
 
 
-def he(dist: Tensor, pos: Tensor, neg: Tensor, margin: float = 0.3, slack: float = 0.1, weighting: str = "mean",
-       tau: float = 0.1, max_pos: int = 0, max_neg: int = 0) -> Tensor:
+def he(dist: Tensor, pos: Tensor, neg: Tensor, margin: float = 0.0, scale: float = 1.0, norm: str = "none") -> Tensor:
+    """The equation itself: min over t of Σ_p max(d_p + m/2 − t, 0) + Σ_n max(t − d_n + m/2, 0).
+
+    The function of t is convex and piecewise linear with breakpoints d_p + m/2 and d_n − m/2, so its
+    minimum is taken over every breakpoint (brute force, no closed form). ``norm``'s elastic count is the
+    number of violating pairs of the sorted sets, counted here the straightforward way.
+    """
+    half = margin / 2
+
     def one(d_p: Tensor, d_n: Tensor) -> Tensor:
-        p_star, n_star = d_p.argmax(), d_n.argmin()
-        in_p = d_p >= d_n[n_star] - slack
-        in_p[p_star] = True
-        in_n = d_n <= d_p[p_star] + slack
-        in_n[n_star] = True
-        hp = torch.sort(d_p[in_p], descending=True).values
-        hn = torch.sort(d_n[in_n]).values
-        if max_pos:
-            hp = hp[:max_pos]
-        if max_neg:
-            hn = hn[:max_neg]
-        if weighting == "mean":
-            big_p, big_n = hp.mean(), hn.mean()
-        else:
-            big_p = (torch.softmax(hp / tau, 0) * hp).sum()
-            big_n = (torch.softmax(-hn / tau, 0) * hn).sum()
-        return _margin(big_p - big_n, margin)
+        t = torch.cat([d_p + half, d_n - half])
+        per_t = (F.relu(d_p[None, :] + half - t[:, None]).sum(1) + F.relu(t[:, None] - d_n[None, :] + half).sum(1))
+        value = per_t.min()
+        if norm == "elastic":
+            pairs = min(len(d_p), len(d_n))
+            far = torch.sort(d_p, descending=True).values[:pairs]
+            near = torch.sort(d_n).values[:pairs]
+            value = value / max(int((far - near + margin > 0).sum()), 1)
+        elif norm == "positives":
+            value = value / len(d_p)
+        return scale * value
 
     return _per_anchor(dist, pos, neg, one)
 

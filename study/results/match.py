@@ -33,7 +33,7 @@ BOOKKEEPING = frozenset({
     "train.output_dir", "train.device", "train.log_every", "train.checkpoint_period",
     "data.root", "data.workers", "eval.chunk_size", "eval.memory_budget_mb", "eval.batch_size",
 })
-_LOSS_KNOBS = {name: {f"loss.{key}" for key in LossConfig(name=name).params()} for name in LOSSES}
+_LOSS_KNOBS = {name: {f"loss.{key}" for key in LossConfig.KNOBS[name]} for name in LOSSES}
 _ALL_LOSS_KNOBS = frozenset().union(*_LOSS_KNOBS.values())
 _MOREID_KNOBS = frozenset({"framework.momentum", "framework.dict_size", "framework.include_past_positives",
                            "framework.test_encoder"})
