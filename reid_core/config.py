@@ -69,6 +69,9 @@ class ModelConfig:
     gem_p: float = 3.0
     pretrained: str = ""  # local path to ImageNet weights; empty = random init (nothing is downloaded)
     test_feature: str = "after_bn"  # before_bn | after_bn (BNNeck)
+    classifier: str = "linear"  # linear | circle (CircleSoftmax, the authors' recipes)
+    cls_scale: float = 64.0  # CircleSoftmax scale s
+    cls_margin: float = 0.35  # CircleSoftmax margin m, in [0, 1)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class LossConfig:
     label_smoothing: float = 0.1
     # triplet
     margin: float = 0.3  # 0 = soft margin (softplus)
+    triplet_mining: str = "hard"  # hard (batch-hard) | weighted (FastReID: softmax-weighted sets)
     # npair
     k: int = 15
     # ranked_list
@@ -97,7 +101,7 @@ class LossConfig:
 
     # loss name -> {config field: keyword argument of build_loss}
     KNOBS: ClassVar[dict[str, dict[str, str]]] = {
-        "triplet": {"margin": "margin"},
+        "triplet": {"margin": "margin", "triplet_mining": "mining"},
         "npair": {"k": "k"},
         "ranked_list": {"alpha": "alpha", "beta": "beta", "tn": "tn", "imbalance": "imbalance"},
         "he": {"he_margin": "margin", "he_scale": "scale", "he_norm": "norm"},
@@ -222,10 +226,15 @@ class Config:
         _choice("model.pooling", m.pooling, ("gem", "avg"))
         _choice("model.test_feature", m.test_feature, ("before_bn", "after_bn"))
         _positive("model.gem_p", m.gem_p)
+        _choice("model.classifier", m.classifier, ("linear", "circle"))
+        _positive("model.cls_scale", m.cls_scale)
+        if not 0 <= m.cls_margin < 1:
+            raise ConfigError(f"model.cls_margin must be in [0, 1), got {m.cls_margin}")
         if m.pretrained and not Path(m.pretrained).is_file():
             raise ConfigError(f"model.pretrained: weights file not found: {m.pretrained}")
         _choice("loss.name", l.name, LOSSES)
         _choice("loss.distance", l.distance, DISTANCES)
+        _choice("loss.triplet_mining", l.triplet_mining, ("hard", "weighted"))
         _choice("loss.he_norm", l.he_norm, ("none", "elastic", "positives"))
         for name in ("loss.metric_weight", "loss.ce_weight", "loss.margin", "loss.he_margin"):
             _nonneg(name, _get(self, name))

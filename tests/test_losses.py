@@ -15,6 +15,8 @@ from reid_core.losses import reference
 CASES = [
     ("triplet", {"margin": 0.3}),
     ("triplet", {"margin": 0.0}),
+    ("triplet", {"margin": 0.0, "mining": "weighted"}),
+    ("triplet", {"margin": 0.3, "mining": "weighted"}),
     ("npair", {"k": 1}),
     ("npair", {"k": 5}),
     ("npair", {"k": 60}),  # more than any anchor has: uses those available

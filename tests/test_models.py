@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from reid_core.config import ModelConfig
+from reid_core.models.classifier import CircleClassifier, LinearClassifier
 from reid_core.models import (IBN, GeM, NonLocal, ReIDModel, ReIDOutput, ResNetBackbone, build_backbone,
                               build_model, load_pretrained)
 
@@ -145,7 +146,7 @@ def test_head_initialisation_and_frozen_bnneck_bias():
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="resnet18", gem_p=4.0), num_classes=500)
     assert isinstance(model.pool, GeM) and model.pool.p.item() == pytest.approx(4.0)
-    assert model.classifier.bias is None
+    assert isinstance(model.classifier, LinearClassifier) and model.classifier.weight.shape == (500, 512)
     assert model.classifier.weight.std().item() == pytest.approx(0.001, rel=0.1)
     assert not model.bnneck.bias.requires_grad and torch.all(model.bnneck.bias == 0)
     assert model.bnneck.weight.requires_grad and torch.all(model.bnneck.weight == 1)
@@ -153,6 +154,9 @@ def test_head_initialisation_and_frozen_bnneck_bias():
     (out.logits.sum() + out.feat.sum()).backward()
     assert model.bnneck.bias.grad is None
     assert model.backbone.conv1.weight.grad is not None and model.pool.p.grad is not None
+    circle = build_model(ModelConfig(arch="resnet18", classifier="circle", cls_scale=32.0, cls_margin=0.25), 7)
+    assert isinstance(circle.classifier, CircleClassifier) and (circle.classifier.scale, circle.classifier.margin) == (32.0, 0.25)
+    assert circle(torch.randn(2, 3, 64, 32)).logits.abs().max() <= 1 + 1e-6  # cosine scores
 
 
 @pytest.mark.parametrize("which", ["before_bn", "after_bn"])

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid_core.config import Config
-from reid_core.losses import pairwise_distance
+from reid_core.losses import cross_entropy_ls, pairwise_distance
 from reid_core.models import ReIDOutput, build_model
+from reid_core.models.classifier import CircleClassifier
 from reid_core.moreid import Baseline, KeyDictionary, MoReID, build_framework, make_key_encoder, momentum_update
 
 
@@ -214,6 +215,17 @@ def test_step_output_composition_and_stats():
     assert all(isinstance(v, float) for v in out.stats.values())
     assert out.stats["refs"] == 8.0 and out.stats["dict_fill"] == 0.0 and out.stats["valid"] == 8.0
     assert out.stats["hard_pos"] == out.stats["hard_neg"] >= 0.0  # HE: the elastic count, 0 when nothing violates
+
+
+def test_cross_entropy_takes_the_circle_softmax_logits():
+    fw = make_framework(**{"framework.name": "baseline", "loss.name": "triplet"})
+    fw.encoder.classifier = CircleClassifier(6, 8, scale=16.0, margin=0.25)
+    images, labels = batch()
+    out = fw(images, labels)
+    scores = fw.encoder(images).logits
+    expected = cross_entropy_ls(fw.encoder.classifier.train_logits(scores, labels), labels, 0.1)
+    torch.testing.assert_close(out.terms["ce"], expected)
+    assert not torch.allclose(out.terms["ce"], cross_entropy_ls(scores, labels, 0.1))
 
 
 def test_training_steps_enqueue_keys_and_update_the_key_encoder():

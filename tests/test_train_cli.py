@@ -37,7 +37,7 @@ def test_example_configs_are_valid():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         Config.from_yaml(path)
     names = {p.name for p in (REPO / "configs").glob("*.yaml")}
-    assert {"veri776_moreid_he.yaml", "market1501_r101_ibn.yaml", "synthetic_cpu.yaml"} <= names
+    assert {"veri776_moreid_he.yaml", "market1501_moreid_he.yaml", "synthetic_cpu.yaml"} <= names
 
 
 def test_cli_trains_checkpoints_and_resumes_for_evaluation(tiny_root, tmp_path):

@@ -1,4 +1,4 @@
-"""The re-ID model: backbone, pooling, BNNeck embedding head and linear classifier (DESIGN.md section 4).
+"""The re-ID model: backbone, pooling, BNNeck embedding head and classifier (DESIGN.md sections 4 and 11).
 
 ``feat`` (pooled, before the BNNeck) feeds the metric losses, ``bn_feat`` (after the BNNeck) feeds the
 classifier (Luo et al., "Bag of Tricks", 2019); test features are either, per ``ModelConfig.test_feature``.
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from reid_core.config import ModelConfig
 from reid_core.models.backbone import ResNetBackbone, build_backbone
+from reid_core.models.classifier import build_classifier
 from reid_core.models.layers import AvgPool, GeM
 
 TEST_FEATURES = ("before_bn", "after_bn")
@@ -22,18 +23,22 @@ class ReIDOutput(NamedTuple):
 
     feat: Tensor  # float[B, D], pooled feature before the BNNeck
     bn_feat: Tensor  # float[B, D], after the BNNeck
-    logits: Tensor  # float[B, C], classifier scores (C = number of training identities)
+    logits: Tensor  # float[B, C], classifier scores (C = training identities; cosines for CircleSoftmax)
 
 
 class ReIDModel(nn.Module):
-    """``backbone`` -> ``pool`` -> ``bnneck`` (BatchNorm1d, bias frozen at 0) -> ``classifier`` (no bias).
+    """``backbone`` -> ``pool`` -> ``bnneck`` (BatchNorm1d, bias frozen at 0) -> ``classifier``.
+
+    ``classifier`` is ``linear`` (no bias) or ``circle`` (CircleSoftmax with ``cls_scale``, ``cls_margin``);
+    the cross-entropy takes ``classifier.train_logits(logits, labels)``.
 
     ``feat_dim`` is D, the backbone's channel count. ``backbone`` is the part frozen during
     ``optim.freeze_iters``; ``pool``, ``bnneck`` and ``classifier`` are the heads.
     """
 
     def __init__(self, backbone: ResNetBackbone, num_classes: int, pooling: str = "gem", gem_p: float = 3.0,
-                 test_feature: str = "after_bn") -> None:
+                 test_feature: str = "after_bn", classifier: str = "linear", cls_scale: float = 64.0,
+                 cls_margin: float = 0.35) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -50,8 +55,7 @@ class ReIDModel(nn.Module):
         nn.init.ones_(self.bnneck.weight)
         nn.init.zeros_(self.bnneck.bias)
         self.bnneck.bias.requires_grad_(False)
-        self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
-        nn.init.normal_(self.classifier.weight, std=0.001)
+        self.classifier = build_classifier(classifier, self.feat_dim, num_classes, cls_scale, cls_margin)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` float[B, 3, H, W] -> (feat [B, D], bn_feat [B, D])."""
@@ -75,4 +79,5 @@ def build_model(cfg: ModelConfig, num_classes: int) -> ReIDModel:
     """The :class:`ReIDModel` described by ``cfg`` with a classifier over ``num_classes`` identities."""
     backbone = build_backbone(cfg.arch, last_stride=cfg.last_stride, ibn=cfg.ibn, non_local=cfg.non_local,
                               pretrained=cfg.pretrained)
-    return ReIDModel(backbone, num_classes, pooling=cfg.pooling, gem_p=cfg.gem_p, test_feature=cfg.test_feature)
+    return ReIDModel(backbone, num_classes, pooling=cfg.pooling, gem_p=cfg.gem_p, test_feature=cfg.test_feature,
+                     classifier=cfg.classifier, cls_scale=cfg.cls_scale, cls_margin=cfg.cls_margin)

@@ -50,6 +50,9 @@ class Framework(nn.Module):
         return prepare_features(feat.float(), self.metric, self.normalize)
 
     def _finish(self, logits: Tensor, labels: Tensor, metric: Tensor, extra: list[Tensor]) -> StepOutput:
+        classifier = getattr(_unwrap(self.encoder), "classifier", None)
+        if hasattr(classifier, "train_logits"):  # CircleSoftmax re-weights the scores by the labels
+            logits = classifier.train_logits(logits, labels)
         ce = cross_entropy_ls(logits, labels, self.label_smoothing)
         metric = metric.mean()
         loss = self.ce_weight * ce + self.metric_weight * metric
