@@ -50,8 +50,9 @@ class HardDistanceElasticLoss(MetricLoss):
             # Pair i exists while both sets still hold an i-th member (i < min(|P|, |N|)).
             paired = (far_p.values > -inf) & (near_n.values < inf)  # [B, k]
             valid = paired[:, 0]
-        # Gathering the k + k chosen entries keeps the backward to one sparse scatter into [B, M].
-        diff = dist.gather(1, far_p.indices) - dist.gather(1, near_n.indices)
+        # One gather of the k + k chosen entries keeps the backward to one sparse scatter into [B, M].
+        chosen = dist.gather(1, torch.cat([far_p.indices, near_n.indices], dim=1))
+        diff = chosen[:, :k] - chosen[:, k:]
         if self.margin:
             diff = diff + self.margin
         hinge = torch.relu(diff) * paired

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .base import MetricLoss, as_float, check_nonneg, masked_max, masked_min, row_dot
+from .base import MetricLoss, check_nonneg, masked_min
 
 MININGS = ("hard", "weighted")
 
@@ -13,6 +14,30 @@ MININGS = ("hard", "weighted")
 def margin_loss(diff: Tensor, margin: float) -> Tensor:
     """``max(0, diff + margin)``, or ``softplus(diff)`` (soft margin) when ``margin == 0``."""
     return F.softplus(diff) if margin == 0 else F.relu(diff + margin)
+
+
+class _NearWeightedMean(torch.autograd.Function):
+    """D[i] = Σ_j w_ij·d_ij over the mask, w = softmax(−d) on the mask; dD/dd_j = w_j·(1 − (d_j − D)).
+
+    ``shift [B, 1]`` is the row's smallest masked distance, so exponents are <= 0 (no overflow) and a
+    non-empty row's weights sum to >= 1. An empty row gives D = 0 and no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, dist: Tensor, mask: Tensor, shift: Tensor) -> Tensor:  # type: ignore[override]
+        e = torch.sub(shift, dist).clamp_max_(0).exp_().masked_fill_(~mask, 0.0)
+        total = e.sum(1).clamp_min_(1e-30)
+        mean = torch.linalg.vecdot(e, dist, dim=1).div_(total)
+        ctx.save_for_backward(dist, e, mean, total)
+        return mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        dist, e, mean, total = ctx.saved_tensors
+        # w·(1 − (d − D))·g = e·((1 + D) − d)·(g / Z)
+        coef = torch.sub((1 + mean).unsqueeze(1), dist).mul_(e).mul_((grad / total).unsqueeze(1))
+        return coef, None, None
 
 
 class TripletLoss(MetricLoss):
@@ -46,28 +71,29 @@ class TripletLoss(MetricLoss):
         return loss, ones, ones, valid
 
     def _weighted(self, dist: Tensor, pos: Tensor, neg: Tensor):
-        """D = Σ_j w_j d_j with w = softmax(s·d) over a set (s = +1 positives, −1 negatives) has
-        dD/dd_j = w_j·(1 + s·(d_j − D)): the difference D⁺ − D⁻ is one weighted row sum."""
+        """Positives are few (<= K per anchor): their weighted mean is taken over the top-k of size max|P|
+        with plain autograd. Negatives fill the row: their weighted mean is one custom function with a
+        single saved [B, M] buffer (see :class:`_NearWeightedMean`)."""
+        n_pos, n_neg = pos.sum(1), neg.sum(1)
+        k = min(int(n_pos.max()), dist.shape[1]) if dist.shape[0] else 0
+        valid = (n_pos > 0) & (n_neg > 0)
+        if k == 0:
+            zero = dist.sum(1) * 0
+            return zero, n_pos.to(dist.dtype), n_neg.to(dist.dtype), valid
         with torch.no_grad():
-            _, d_far = masked_max(dist, pos)
+            far = torch.where(pos, dist, -float("inf")).topk(k, dim=1, sorted=False)
+            present = far.values > -float("inf")
             _, d_near = masked_min(dist, neg)
-            valid = (d_far > -float("inf")) & (d_near < float("inf"))
-            zero = torch.zeros_like(d_far)
-            # Exponents shifted by the set's extreme are <= 0 on the set (clamped elsewhere, then masked),
-            # and the extreme itself weighs exp(0) = 1, so a non-empty set sums to >= 1.
-            shift_p = torch.where(valid, d_far, zero).unsqueeze(1)
-            shift_n = torch.where(valid, d_near, zero).unsqueeze(1)
-            w_p = (dist - shift_p).clamp_max_(0).exp_().mul_(as_float(pos, dist.dtype))
-            w_n = (shift_n - dist).clamp_max_(0).exp_().mul_(as_float(neg, dist.dtype))
-            n_pos, n_neg = pos.sum(1).to(dist.dtype), neg.sum(1).to(dist.dtype)
-            w_p.div_(w_p.sum(1, keepdim=True).clamp_min(1.0))
-            w_n.div_(w_n.sum(1, keepdim=True).clamp_min(1.0))
-            big_p = torch.linalg.vecdot(w_p, dist, dim=1).unsqueeze(1)
-            big_n = torch.linalg.vecdot(w_n, dist, dim=1).unsqueeze(1)
-            grad_coef = w_p * (1 + (dist - big_p)) - w_n * (1 - (dist - big_n))
-            coef = w_p.sub_(w_n)
-        loss = torch.where(valid, margin_loss(row_dot(dist, coef, grad_coef), self.margin), 0.0)
-        return loss, n_pos, n_neg, valid
+            shift = torch.where(valid, d_near, 0.0).unsqueeze(1)
+        d_p = dist.gather(1, far.indices)
+        # Slots past an anchor's last positive get weight 0; a row without positives (loss masked to 0
+        # below) gets finite uniform weights rather than NaN, which would leak into the gradient.
+        logits = torch.where(present | ~present.any(1, keepdim=True), d_p, -float("inf"))
+        w_p = torch.softmax(logits, dim=1)
+        big_p = (w_p * d_p).sum(1)
+        big_n = _NearWeightedMean.apply(dist, neg, shift)
+        loss = torch.where(valid, margin_loss(big_p - big_n, self.margin), 0.0)
+        return loss, n_pos.to(dist.dtype), n_neg.to(dist.dtype), valid
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mining={self.mining!r}"
