@@ -148,7 +148,8 @@ class ResultsCsv(Callback):
         evaluated = int(result.get("eval_epoch", 0) or 0) > 0
         row = {"study": self.study, "trial_id": trial.trial_id, "status": status,
                "epochs": str(int(result.get("epoch", 0) or 0))}
-        for key in EVAL_KEYS:
+        reranked = [f"{k}_rerank" for k in EVAL_KEYS if f"{k}_rerank" in result]  # with eval.rerank
+        for key in (*EVAL_KEYS, *reranked):
             row[f"final_{key}"] = _cell(_number(result.get(key))) if evaluated else ""
             row[f"best_{key}"] = _cell(_number(result.get(f"best_{key}"))) if evaluated else ""
         row["best_epoch"] = str(int(result["best_epoch"])) if evaluated and result.get("best_epoch") else ""
@@ -212,7 +213,7 @@ class TensorBoardHParams(Callback):
             number = _number(value)
             if number is None or key in _NOT_METRICS or key.startswith(("config", "time_", "best_")):
                 continue
-            if key in EVAL_KEYS:
+            if key in EVAL_KEYS or key.removesuffix("_rerank") in EVAL_KEYS:
                 if evaluated_now:
                     writer.add_scalar(f"eval/{key}", number, epoch)
                 continue
