@@ -14,12 +14,12 @@ def re_ranking_dense(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, la
     """float[Q, G], float[Q, Q], float[G, G] (distances) -> float32[Q, G], the re-ranked distances."""
     q_g, q_q, g_g = (np.asarray(x) for x in (q_g_dist, q_q_dist, g_g_dist))
     num_q = q_g.shape[0]
-    full = np.block([[q_q, q_g], [q_g.T, g_g]])
-    squared = np.power(full, 2).astype(np.float32)
+    squared = np.power(np.block([[q_q, q_g], [q_g.T, g_g]]), 2).astype(np.float32)
     # Each column scaled by its largest value, then transposed: row i holds column i.
     original = np.transpose(squared / np.max(squared, axis=0))
+    del squared
     num_all = original.shape[0]
-    rank = np.argsort(original, axis=1, kind="stable").astype(np.int64)
+    rank = np.argsort(original, axis=1, kind="stable").astype(np.int32)
 
     def reciprocal(i: int, k: int) -> np.ndarray:
         forward = rank[i, :k + 1]

@@ -83,16 +83,16 @@ def check_rerank_args(k1: int, k2: int, lambda_value: float) -> None:
 def smallest_k(rows: Tensor, k: int) -> Tensor:
     """long[R, k]: each row's k smallest entries' columns, ascending by (value, column), of float[R, N].
 
-    ``topk`` picks an arbitrary subset of the entries equal to the k-th smallest value; the (rare) rows
-    where that matters are sorted in full with a stable sort instead.
+    ``topk`` picks an arbitrary subset of the entries equal to the k-th smallest value: a row where the
+    (k + 1)-th smallest equals the k-th (rare) is sorted in full with a stable sort instead.
     """
     k = min(k, rows.shape[1])
-    values, columns = torch.topk(rows, k, dim=1, largest=False, sorted=False)
-    columns, order = columns.sort(dim=1)
-    values, order = values.gather(1, order).sort(dim=1, stable=True)
-    columns = columns.gather(1, order)
-    crowded = (torch.count_nonzero(rows <= values[:, -1:], dim=1) > k).nonzero().squeeze(1)
-    if crowded.numel():
+    values, columns = torch.topk(rows, min(k + 1, rows.shape[1]), dim=1, largest=False, sorted=True)
+    crowded = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1) if values.shape[1] > k else None
+    values, columns = values[:, :k], columns[:, :k]
+    columns, order = columns.sort(dim=1)  # equal values: ascending columns
+    columns = columns.gather(1, values.gather(1, order).sort(dim=1, stable=True).indices)
+    if crowded is not None and crowded.numel():
         columns[crowded] = rows[crowded].sort(dim=1, stable=True).indices[:, :k]
     return columns
 
@@ -106,7 +106,7 @@ class NeighbourSource:
     device: torch.device
 
     def rows(self, first: int, last: int) -> Tensor:
-        """float32[last - first, N]: rows ``first..last-1`` of ``original``."""
+        """float[last - first, N]: rows ``first..last-1`` of ``original``, or any rows in the same order."""
         raise NotImplementedError
 
     def pairs(self, i: Tensor, j: Tensor) -> Tensor:
@@ -314,7 +314,12 @@ class DenseSource(NeighbourSource):
 class FeatureSource(NeighbourSource):
     """Squared euclidean distances of features ``x`` float[N, D] (queries first), made on demand; the
     scale of row i is the largest squared distance of row i (the column maximum of a symmetric matrix),
-    known once :meth:`rows` has been called for every row (KReciprocal does that first)."""
+    known once :meth:`rows` has been called for every row (KReciprocal does that first).
+
+    Departure from the dense algorithm fed with distance matrices: rounding only. The squared
+    distances are computed from the features (not squared from rounded distances), ranked before
+    scaling, and the pairs of V recomputed with dot products; so near-ties (within float32 rounding)
+    may order differently."""
 
     def __init__(self, q: Tensor, g: Tensor, memory_budget_mb: float = 1024) -> None:
         self.x = torch.cat([q, g])
@@ -322,18 +327,16 @@ class FeatureSource(NeighbourSource):
         self.num_query, self.num_all = q.shape[0], self.x.shape[0]
         self.device = self.x.device
         self.scale = torch.full((self.num_all,), float("nan"), dtype=torch.float32, device=self.device)
-        self.pairs_per_step = max(1, int(memory_budget_mb * 2**20) // (16 * self.x.shape[1]))
-
-    def _squared(self, first: int, last: int, columns: slice, out: Tensor | None = None) -> Tensor:
-        d2 = torch.addmm(self.sq[None, columns], self.x[first:last], self.x[columns].t(), beta=1.0, alpha=-2.0)
-        d2 = d2.add_(self.sq[first:last, None]).clamp_min_(0.0)
-        return out.copy_(d2) if out is not None else d2.to(torch.float32)
+        self.pairs_per_step = max(1, int(memory_budget_mb * 2**20) // (32 * self.x.shape[1]))
 
     def rows(self, first: int, last: int) -> Tensor:
-        d2 = self._squared(first, last, slice(None))
-        self.scale[first:last] = d2.amax(1)
+        """Not the scaled squared distances themselves but ``|x_j|^2 - 2 x_i . x_j``: the same order (up
+        to rounding) for a third of the element-wise passes over the chunk; each row's scale is its
+        maximum plus ``|x_i|^2``."""
+        key = torch.addmm(self.sq[None], self.x[first:last], self.x.t(), beta=1.0, alpha=-2.0)
+        self.scale[first:last] = key.amax(1).add_(self.sq[first:last]).clamp_min_(0.0)
         _check_scale(self.scale[first:last], "all features are identical (every squared distance of a row is 0)")
-        return d2.div_(self.scale[first:last, None])
+        return key
 
     def pairs(self, i: Tensor, j: Tensor) -> Tensor:
         out = torch.empty(i.numel(), dtype=torch.float32, device=self.device)
