@@ -163,7 +163,9 @@ class ResultsCsv(Callback):
         config_columns: list[str] = []
         for trial_id in self.order:
             config_columns.extend(k for k in self.rows[trial_id] if k not in FIXED_COLUMNS)
-        return [*FIXED_COLUMNS, *dict.fromkeys(config_columns)]
+        extra = list(dict.fromkeys(config_columns))
+        reranked = [k for k in extra if k.endswith("_rerank")]  # eval.rerank metrics: beside the plain ones
+        return [*FIXED_COLUMNS, *reranked, *(k for k in extra if not k.endswith("_rerank"))]
 
     def write(self) -> None:
         buffer = io.StringIO()

@@ -166,3 +166,57 @@ def test_market_recipe_re_ranks_as_the_authors_did():
     cfg = Config.from_yaml(Path(__file__).parents[1] / "configs" / "market1501_r101_ibn.yaml")
     e = cfg.eval
     assert (e.rerank, e.rerank_k1, e.rerank_k2, e.rerank_lambda) == (True, 20, 6, 0.3)
+
+
+def test_trainer_reports_rerank_metrics_beside_the_plain_ones(tmp_path):
+    from reid_core.data import synthetic
+    from reid_core.engine.trainer import Trainer
+
+    root = synthetic.generate(tmp_path / "data", "market1501", ids=12, cams=3, images_per_id_cam=3, height=64,
+                              width=32, seed=0)
+    base = {"data.dataset": "synthetic", "data.root": str(root), "data.height": 64, "data.width": 32,
+            "data.batch_size": 16, "data.num_instance": 4, "data.workers": 0, "model.arch": "resnet18",
+            "train.device": "cpu", "train.output_dir": str(tmp_path / "run"), "eval.batch_size": 64}
+    trainer = Trainer(Config().replace({**base, "eval.rerank_k1": 6, "eval.rerank_k2": 3}))
+    a = trainer.evaluate()
+    trainer.cfg.eval.rerank = True
+    b = trainer.evaluate()
+    trainer.close()
+    assert not any(key.endswith("_rerank") for key in a)
+    for key in ("mAP", "R1", "R5", "R10", "mINP"):
+        assert b[key] == a[key]  # the plain metrics are unchanged
+        assert 0.0 <= b[f"{key}_rerank"] <= 100.0
+    assert b["mAP_rerank"] != b["mAP"] and len(b["cmc_rerank"]) == len(b["cmc"])
+
+
+def test_study_results_carry_rerank_columns(tmp_path):
+    import csv
+
+    from ray.tune.experiment import Trial
+
+    from study.callbacks import FIXED_COLUMNS, RESULTS_FILE, ResultsCsv, TrialInfo
+    from study.space import load_space
+    from study.storage import StudyStorage
+    from study.worker import empty_state, result_of, update_state
+
+    state = empty_state()
+    evaluation = {"mAP": 40.0, "R1": 60.0, "R5": 70.0, "R10": 75.0, "mINP": 10.0, "cmc": [60.0] * 20,
+                  "mAP_rerank": 50.0, "R1_rerank": 65.0, "R5_rerank": 72.0, "R10_rerank": 77.0, "mINP_rerank": 20.0}
+    update_state(state, evaluation, 1, "mAP", "max")
+    result = result_of({"epoch": 1, "loss/total": 1.0}, state, 0)
+    assert result["mAP_rerank"] == 50.0 and result["best_mINP_rerank"] == 20.0
+
+    space = load_space("quickstart")
+    storage = StudyStorage(tmp_path, "demo")
+    trial = Trial("train_trial", config={"loss.name": "he"}, trial_id="t0", stub=True)
+    callback = ResultsCsv(storage, "demo", TrialInfo(space.base, space.searched_keys))
+    callback.setup()
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, result)
+    with storage.path(RESULTS_FILE).open() as handle:
+        reader = csv.DictReader(handle)
+        row = next(reader)
+        columns = reader.fieldnames
+    at = len(FIXED_COLUMNS)
+    assert columns[at:at + 2] == ["final_mAP_rerank", "best_mAP_rerank"]
+    assert float(row["final_mAP_rerank"]) == 50.0 and float(row["best_R10_rerank"]) == 77.0
