@@ -21,10 +21,8 @@ So the result is the dense algorithm's to floating-point rounding, in O(N k) mem
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
