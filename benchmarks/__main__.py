@@ -15,7 +15,7 @@ import sys
 import time
 from datetime import date
 
-TOPICS = ("losses", "step", "evaluation", "data", "study")
+TOPICS = ("losses", "step", "evaluation", "rerank", "data", "study")
 
 # name of the headline figure -> (comparison, target). Ratios are "cost over the floor" (lower is better)
 # or "speedup over the reference" (higher is better).
@@ -25,6 +25,8 @@ TARGETS = {
     "moreid_step_over_baseline": ("<=", 1.45),
     "eval_speedup_vs_reference": (">=", 10.0),
     "eval_veriwild_2000_peak_gib": ("<=", 3.0),
+    "rerank_market_speedup": (">=", 1.0),
+    "rerank_veriwild_large_peak_gib": ("<=", 8.0),
 }
 
 

@@ -157,6 +157,13 @@ class EvalConfig:
     chunk_size: int = 0  # queries per chunk; 0 = derived from memory_budget_mb
     memory_budget_mb: int = 1024
     batch_size: int = 128
+    rerank: bool = False  # also report k-reciprocal re-ranked metrics (mAP_rerank, ...)
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3  # weight of the original distance
+    query_expansion: bool = False  # alpha-weighted average query expansion of the features first
+    qe_k: int = 10
+    qe_alpha: float = 3.0
 
 
 @dataclass
@@ -208,7 +215,8 @@ class Config:
                      "data.synthetic.ids", "data.synthetic.cams", "data.synthetic.images_per_id_cam",
                      "data.synthetic.height", "data.synthetic.width",
                      "train.epochs", "train.eval_period", "train.log_every", "train.checkpoint_period",
-                     "eval.max_rank", "eval.memory_budget_mb", "eval.batch_size"):
+                     "eval.max_rank", "eval.memory_budget_mb", "eval.batch_size", "eval.rerank_k1",
+                     "eval.rerank_k2", "eval.qe_k"):
             _positive(name, _get(self, name))
         if d.batch_size % d.num_instance:
             raise ConfigError(f"data.batch_size ({d.batch_size}) must be a multiple of "
@@ -267,6 +275,8 @@ class Config:
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("eval.metric", e.metric, DISTANCES)
         _nonneg("eval.chunk_size", e.chunk_size)
+        _prob("eval.rerank_lambda", e.rerank_lambda)
+        _nonneg("eval.qe_alpha", e.qe_alpha)
         return self
 
 

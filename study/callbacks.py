@@ -148,7 +148,8 @@ class ResultsCsv(Callback):
         evaluated = int(result.get("eval_epoch", 0) or 0) > 0
         row = {"study": self.study, "trial_id": trial.trial_id, "status": status,
                "epochs": str(int(result.get("epoch", 0) or 0))}
-        for key in EVAL_KEYS:
+        reranked = [f"{k}_rerank" for k in EVAL_KEYS if f"{k}_rerank" in result]  # with eval.rerank
+        for key in (*EVAL_KEYS, *reranked):
             row[f"final_{key}"] = _cell(_number(result.get(key))) if evaluated else ""
             row[f"best_{key}"] = _cell(_number(result.get(f"best_{key}"))) if evaluated else ""
         row["best_epoch"] = str(int(result["best_epoch"])) if evaluated and result.get("best_epoch") else ""
@@ -162,7 +163,9 @@ class ResultsCsv(Callback):
         config_columns: list[str] = []
         for trial_id in self.order:
             config_columns.extend(k for k in self.rows[trial_id] if k not in FIXED_COLUMNS)
-        return [*FIXED_COLUMNS, *dict.fromkeys(config_columns)]
+        extra = list(dict.fromkeys(config_columns))
+        reranked = [k for k in extra if k.endswith("_rerank")]  # eval.rerank metrics: beside the plain ones
+        return [*FIXED_COLUMNS, *reranked, *(k for k in extra if not k.endswith("_rerank"))]
 
     def write(self) -> None:
         buffer = io.StringIO()
@@ -212,7 +215,7 @@ class TensorBoardHParams(Callback):
             number = _number(value)
             if number is None or key in _NOT_METRICS or key.startswith(("config", "time_", "best_")):
                 continue
-            if key in EVAL_KEYS:
+            if key in EVAL_KEYS or key.removesuffix("_rerank") in EVAL_KEYS:
                 if evaluated_now:
                     writer.add_scalar(f"eval/{key}", number, epoch)
                 continue

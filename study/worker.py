@@ -3,7 +3,8 @@
 Per epoch every worker trains (``reid_core.engine.Trainer``), evaluates when due (every
 ``train.eval_period``, the last epoch, and each ASHA rung so that the scheduler compares real numbers),
 writes a checkpoint when due (rank 0 writes; the folder is handed to ``ray.train.report``) and reports one
-result. Every result holds the last evaluation (``mAP``, ``R1``, ``R5``, ``R10``, ``mINP``, in percent;
+result. Every result holds the last evaluation (``mAP``, ``R1``, ``R5``, ``R10``, ``mINP``, in percent, and
+``mAP_rerank`` ... ``mINP_rerank`` with ``eval.rerank``;
 NaN before the first one, with ``eval_epoch`` = 0), the best one so far (``best_*``, ``best_epoch``,
 ``best_cmc``: CMC at ranks 1..20), ``start_epoch`` (the epoch this worker group resumed from),
 ``world_size``, ``ddp_backend`` (``gloo`` / ``nccl``) and ``epoch_s`` (seconds of training and evaluation).
@@ -42,7 +43,8 @@ def empty_state() -> dict[str, Any]:
 
 def update_state(state: dict[str, Any], evaluation: dict[str, Any], epoch: int, metric: str, mode: str) -> None:
     """Record an evaluation (percent) as the last one, and as the best when it beats the best ``metric``."""
-    state["last"] = {k: float(evaluation[k]) for k in EVAL_KEYS}
+    reranked = [f"{k}_rerank" for k in EVAL_KEYS if f"{k}_rerank" in evaluation]  # with eval.rerank
+    state["last"] = {k: float(evaluation[k]) for k in (*EVAL_KEYS, *reranked)}
     state["eval_epoch"] = epoch
     best = state["best"][metric]
     value = state["last"][metric]

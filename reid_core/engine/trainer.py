@@ -236,7 +236,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """mAP, R1, R5, R10, mINP and ``cmc`` (list over ranks 1..max_rank), all in percent, of the
-        test encoder (``framework.test_encoder()``) on query vs gallery. Computed on rank 0 and
+        test encoder (``framework.test_encoder()``) on query vs gallery; with ``eval.rerank`` also the
+        same keys with ``_rerank`` appended (k-reciprocal re-ranking). Computed on rank 0 and
         broadcast, so every rank returns the same dict."""
         metrics: dict[str, Any] | None = None
         if self.rank == 0:
@@ -264,15 +265,16 @@ class Trainer:
             qf, qp, qc = extract_features(encoder, self.query_loader, self.device, flip=e.flip, progress=False)
             gf, gp, gc = extract_features(encoder, self.gallery_loader, self.device, flip=e.flip, progress=False)
         # Ranking runs on the training device (chunked, memory-bounded).
-        result = evaluate_features(qf.to(self.device), gf.to(self.device), qp, gp, qc, gc, metric=e.metric,
-                                   max_rank=e.max_rank, chunk_size=e.chunk_size, memory_budget_mb=e.memory_budget_mb)
-        cmc = [100.0 * float(c) for c in result["cmc"]]
-
-        def rank(k: int) -> float:
-            return cmc[min(k, len(cmc)) - 1]
-
-        return {"mAP": 100.0 * float(result["mAP"]), "R1": rank(1), "R5": rank(5), "R10": rank(10),
-                "mINP": 100.0 * float(result["mINP"]), "cmc": cmc}
+        qf, gf = qf.to(self.device), gf.to(self.device)
+        options = dict(metric=e.metric, max_rank=e.max_rank, chunk_size=e.chunk_size,
+                       memory_budget_mb=e.memory_budget_mb, query_expansion=e.query_expansion, qe_k=e.qe_k,
+                       qe_alpha=e.qe_alpha)
+        metrics = _percent(evaluate_features(qf, gf, qp, gp, qc, gc, **options))
+        if e.rerank:
+            reranked = _percent(evaluate_features(qf, gf, qp, gp, qc, gc, **options, rerank=True, k1=e.rerank_k1,
+                                                  k2=e.rerank_k2, lambda_value=e.rerank_lambda))
+            metrics.update({f"{key}_rerank": value for key, value in reranked.items()})
+        return metrics
 
     # ---- checkpoints ----------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
@@ -375,3 +377,14 @@ def _set_sampler_epoch(loader: Any, epoch: int) -> None:
         if owner is not None and hasattr(owner, "set_epoch"):
             owner.set_epoch(epoch)
             return
+
+
+def _percent(result: dict[str, Any]) -> dict[str, Any]:
+    """An evaluate_features result as the reported metrics: mAP, R1, R5, R10, mINP and cmc, in percent."""
+    cmc = [100.0 * float(c) for c in result["cmc"]]
+
+    def rank(k: int) -> float:
+        return cmc[min(k, len(cmc)) - 1]
+
+    return {"mAP": 100.0 * float(result["mAP"]), "R1": rank(1), "R5": rank(5), "R10": rank(10),
+            "mINP": 100.0 * float(result["mINP"]), "cmc": cmc}

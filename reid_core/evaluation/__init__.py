@@ -1,10 +1,13 @@
-"""Re-ID evaluation: feature extraction, mAP / CMC / mINP, and the per-query NumPy reference.
+"""Re-ID evaluation: feature extraction, mAP / CMC / mINP, the per-query NumPy reference, k-reciprocal
+re-ranking and average query expansion.
 
 See docs/architecture.md (Evaluation contract) and DESIGN.md section 6 (protocol).
 """
 from reid_core.evaluation.features import extract_features
 from reid_core.evaluation.rank import METRICS, chunk_plan, evaluate_features, evaluate_rank, pairwise_distances
+from reid_core.evaluation.query_expansion import average_query_expansion
 from reid_core.evaluation.reference import evaluate_rank_reference
+from reid_core.evaluation.rerank import re_ranking
 
-__all__ = ["METRICS", "chunk_plan", "evaluate_features", "evaluate_rank", "evaluate_rank_reference",
-           "extract_features", "pairwise_distances"]
+__all__ = ["METRICS", "average_query_expansion", "chunk_plan", "evaluate_features", "evaluate_rank",
+           "evaluate_rank_reference", "extract_features", "pairwise_distances", "re_ranking"]

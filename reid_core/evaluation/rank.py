@@ -66,7 +66,9 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
 
 
 def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metric: str = "euclidean",
-                      max_rank: int = 50, chunk_size: int = 0, memory_budget_mb: int = 1024) -> dict:
+                      max_rank: int = 50, chunk_size: int = 0, memory_budget_mb: int = 1024, *,
+                      rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                      query_expansion: bool = False, qe_k: int = 10, qe_alpha: float = 3.0) -> dict:
     """:func:`evaluate_rank` of query features against gallery features, one chunk of queries at a time.
 
     ``q_feats`` float[Q, D], ``g_feats`` float[G, D] (NumPy or tensors; computed on ``g_feats``'s device).
@@ -74,6 +76,12 @@ def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metr
     :func:`pairwise_distances`. ``chunk_size`` queries per chunk; 0 derives it from ``memory_budget_mb``,
     the working memory of the chunks in flight (distances, bucket ids, flags, histograms; see
     :func:`chunk_plan`); the features themselves come on top. The whole Q x G matrix is never held.
+
+    ``query_expansion``: first replace the features by their alpha-weighted average query expansion
+    (:func:`~reid_core.evaluation.query_expansion.average_query_expansion`, ``qe_k``, ``qe_alpha``).
+    ``rerank``: rank by k-reciprocal re-ranked distances (``k1``, ``k2``, ``lambda_value``; see
+    :mod:`reid_core.evaluation.rerank`) of the euclidean distances of the features (L2-normalised first
+    under ``cosine``), built from chunked neighbour lists: O((Q + G) k1 k2) memory besides the chunks.
     """
     q = _as_tensor(q_feats, "q_feats")
     g = _as_tensor(g_feats, "g_feats")
@@ -103,6 +111,27 @@ def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metr
             if not bound < torch.finfo(dtype).max / 4:
                 raise ValueError(f"features too large for {dtype} distances (squared norms up to {bound / 4:.3g})")
     labels = _Labels.build(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], g.device)
+    if rerank or query_expansion:
+        # Imported here: these modules build on this one's helpers.
+        from reid_core.evaluation.query_expansion import average_query_expansion
+        from reid_core.evaluation.rerank import FeatureSource, KReciprocal, check_rerank_args
+
+        if rerank:
+            check_rerank_args(k1, k2, lambda_value)
+        with torch.no_grad():
+            if query_expansion:
+                q, g = average_query_expansion(q, g, qe_k, qe_alpha, memory_budget_mb)
+                gp = _prepare(g, metric)
+            if rerank:
+                unit = (lambda x: F.normalize(x, dim=1)) if metric == "cosine" else (lambda x: x)
+                ranker = KReciprocal(FeatureSource(unit(q), unit(g), memory_budget_mb), k1, k2, lambda_value,
+                                     memory_budget_mb)
+
+                def reranked(idx: Tensor, ws: Workspace) -> Tensor:
+                    return ranker.distances(idx, out=ws.take("dist", idx.numel()))
+
+                return _evaluate_chunks(labels, g.shape[0], torch.float32, g.device, max_rank, chunk_size,
+                                        memory_budget_mb, reranked, check_finite=False, block_rows=GEMM_BLOCK_ROWS)
 
     def distances(idx: Tensor, ws: Workspace) -> Tensor:
         return _distances(_prepare(q.index_select(0, idx), metric), gp, metric, out=ws.take("dist", idx.numel()))
