@@ -27,6 +27,7 @@ import pandas as pd
 from study.paper import PAPER, Ref
 from study.results.load import check_kind, counted
 from study.results.match import add_config_column, describe, select, where_mask
+from study.results.render import _md_row, _num
 from study.results.tables import DASH, DATASET_LABELS
 
 NAME = "directions"
@@ -309,15 +310,11 @@ def to_markdown(tables: Sequence[DirectionsTable]) -> str:
                      _signed(row.claim.paper_diff, 1), f"{row.better.label}: {row.better.text()}",
                      f"{row.worse.label}: {row.worse.text()}", _signed(row.diff), _interval_text(row.interval),
                      verdict_text]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            lines.append(_md_row(cells))
         if notes:
             lines += [""] + [f"- [{i}] {note}" for i, note in enumerate(notes, 1)]
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
-
-
-def _num(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}".rstrip("0").rstrip(".")
 
 
 def to_csv(tables: Sequence[DirectionsTable]) -> str:
