@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reid_core.config import Config, flatten
@@ -417,3 +418,84 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
     done = _cli(str(study), "--table", "losses")
     assert done.returncode == 2 and "unknown table 'losses'" in done.stderr
     assert all(name in done.stderr for name in TABLE_NAMES) and "Traceback" not in done.stderr
+
+
+# ---- directions: the paper's claims with a Welch interval and a verdict ----------------------------------
+
+def _claim_rows(he: list[float], tri: list[float], *, dataset: str = "synthetic") -> list[dict]:
+    """MoReID HE (euclidean) and MoReID Triplet seeds on ``dataset``, plus one baseline HE trial."""
+    data = {"data.dataset": dataset}
+    return (seeds("he", he, {**data, **HE_MOREID})
+            + seeds("tri", tri, {**data, "loss.name": "triplet", "framework.name": "moreid"})
+            + [trial("bhe", 50.0, {**data, "loss.name": "he", "framework.name": "baseline"})])
+
+
+def test_t_quantile_and_welch_interval_match_textbook_values():
+    from study.results.directions import t_quantile, welch_interval
+    for df, expected in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (1e6, 1.9600)):
+        assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
+    # Equal n and variances: Welch's df is 2(n - 1) = 4 and the half-width t * sqrt(2 s^2 / n).
+    low, high = welch_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    half = 2.7764 * math.sqrt(2 / 3)
+    assert (low, high) == (pytest.approx(1 - half, abs=1e-3), pytest.approx(1 + half, abs=1e-3))
+    assert welch_interval([2.0, 2.0], [1.0, 1.0]) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2 values per side"):
+        welch_interval([1.0], [1.0, 2.0])
+
+
+def test_directions_verdicts_reproduced_contradicted_inconclusive(tmp_path):
+    from study.results.directions import build_directions
+    cases = {"up": ([60.0, 61.0, 62.0], [50.0, 51.0, 52.0], "reproduced"),
+             "down": ([40.0, 41.0, 42.0], [50.0, 51.0, 52.0], "contradicted"),
+             "flat": ([49.0, 51.0, 53.0], [50.0, 52.0, 48.0], "inconclusive")}
+    for name, (he, tri, expected) in cases.items():
+        frame = load_results(write_study(tmp_path / name, _claim_rows(he, tri)))
+        (table,) = build_directions(frame)
+        row = next(r for r in table.rows if r.claim.name == "HE beats Triplet (MoReID)")
+        assert row.verdict == expected, name
+        assert row.diff == pytest.approx(np.mean(he) - np.mean(tri))
+        assert row.interval[0] < row.diff < row.interval[1] or row.interval[0] == row.interval[1]
+        # The paper's difference comes from study/paper.py (supplementary D: HE euclidean - Triplet).
+        assert row.claim.paper_diff == pytest.approx(PAPER.similarity[("he", "euclidean")].value
+                                                     - PAPER.similarity[("triplet", None)].value)
+        # One baseline HE trial: the claim appears, without an interval (n = 1), inconclusive.
+        framework = next(r for r in table.rows if r.claim.name == "MoReID beats baseline (HE)")
+        assert (framework.worse.n, framework.interval, framework.verdict) == (1, None, "inconclusive")
+        assert framework.claim.paper_diff is None
+        # Claims without trials on both sides are left out.
+        assert not any("N-pair" in r.claim.name or "cosine" in r.claim.name for r in table.rows)
+
+
+def test_directions_past_positives_uses_the_paper_cell_at_the_nearest_momentum(tmp_path):
+    from study.results.directions import build_directions
+    base = {**HE_MOREID, "framework.momentum": 0.9}
+    rows = (seeds("neg", [55.0, 56.0, 57.0], base)
+            + seeds("pp", [45.0, 47.0, 46.0], {**base, "framework.include_past_positives": True})
+            + seeds("cos", [58.0, 60.0, 59.0], {**base, "loss.distance": "cosine", "loss.normalize": True}))
+    (table,) = build_directions(load_results(write_study(tmp_path / "s", rows)))
+    past = next(r for r in table.rows if r.claim.name.startswith("Negatives only"))
+    assert "m = 0.9" in past.claim.name and past.verdict == "reproduced"
+    assert "0.995" in past.claim.paper_cells
+    assert past.claim.paper_diff == pytest.approx(PAPER.past_positives[(0.995, False)].value
+                                                  - PAPER.past_positives[(0.995, True)].value)
+    cosine = next(r for r in table.rows if "cosine" in r.claim.name)
+    assert cosine.verdict == "contradicted" and cosine.diff == pytest.approx(-3.0)
+
+
+def test_directions_cli_csv_and_markdown_and_results_md(tmp_path):
+    study = write_study(tmp_path / "study", _claim_rows([60.0, 61.0, 62.0], [50.0, 51.0, 52.0]))
+    out = tmp_path / "d.csv"
+    done = _cli(str(study), "--table", "directions", "--format", "csv", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    lines = list(csv.DictReader(out.open()))
+    assert {"claim", "verdict", "paper_diff", "ci_low", "ci_high"} <= set(lines[0])
+    row = next(r for r in lines if r["claim"] == "HE beats Triplet (MoReID)")
+    assert (row["verdict"], row["better_mean"], row["worse_n"], row["diff"]) == ("reproduced", "61", "3", "10")
+    done = _cli(str(study), "--table", "directions")
+    assert done.returncode == 0 and "| HE beats Triplet (MoReID) |" in done.stdout and "reproduced" in done.stdout
+    assert "Directions: the paper's claims" in write_report(study).read_text()
+    done = _cli(str(study), "--table", "directions", "--format", "latex")
+    assert done.returncode == 2 and "md or csv" in done.stderr and "Traceback" not in done.stderr
+    # A study without the cells of any claim: no directions section in results.md.
+    lonely = write_study(tmp_path / "lonely", [trial("t", 50.0, HE_MOREID)])
+    assert "Directions" not in write_report(lonely).read_text()

@@ -15,7 +15,7 @@ from study.space import SPACES_DIR, SpaceError, load_space, parse_space, plan, v
 
 SPACE_FILES = sorted(SPACES_DIR.glob("*.yaml"))
 EXPECTED_SPACES = {"quickstart", "loss_comparison", "npair_k", "ranked_list", "he_loss", "past_positives",
-                   "similarity", "backbone", "dictionary_size", "datasets"}
+                   "similarity", "backbone", "dictionary_size", "datasets", "fidelity"}
 
 
 def small(**changes) -> dict:
@@ -45,6 +45,23 @@ def test_every_shipped_space_passes_the_dry_run(capsys):
         assert f"space {path.stem}" in out
 
 
+def test_fidelity_space_holds_every_claims_cells_with_three_seeds_in_the_methods_regime():
+    space = load_space("fidelity")
+    assert len(space.seeds) >= 3
+    cells = {(c["framework.name"], c["loss.name"], c.get("framework.include_past_positives", False),
+              c.get("loss.distance", "euclidean")) for c in space.cells()}
+    for cell in (("moreid", "he", False, "euclidean"), ("moreid", "triplet", False, "euclidean"),
+                 ("baseline", "he", False, "euclidean"), ("baseline", "triplet", False, "euclidean"),
+                 ("moreid", "he", True, "euclidean"), ("moreid", "he", False, "cosine")):
+        assert cell in cells, cell
+    base = space.base
+    per_batch = base["data.batch_size"] // base["data.num_instance"]
+    train_ids = base["data.synthetic.ids"] // 2
+    queries = (base["data.synthetic.ids"] - train_ids) * base["data.synthetic.cams"]  # one per test id and camera
+    assert train_ids >= 20 * per_batch and base["data.num_instance"] >= 8 and queries >= 200
+    assert base["framework.dict_size"] >= 8 * base["data.batch_size"]
+
+
 def test_shipped_spaces_hold_the_papers_grids():
     past = load_space("past_positives")
     cells = past.cells()
@@ -62,7 +79,7 @@ def test_shipped_spaces_hold_the_papers_grids():
     assert {c["framework.name"] for c in ranked.cells()} == {"baseline", "moreid"}
     quick = load_space("quickstart")
     assert quick.total_trials() == 8 and quick.base["data.dataset"] == "synthetic"
-    for name in EXPECTED_SPACES - {"quickstart"}:
+    for name in EXPECTED_SPACES - {"quickstart", "fidelity"}:  # the two CPU studies
         space = load_space(name)
         assert space.base["model.arch"] in ("resnet50", "resnet101") or name == "datasets"
         assert space.resources.gpus_per_worker >= 1

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from study.results.directions import NAME as DIRECTIONS
+from study.results.directions import build_directions, render_directions
 from study.results.load import METRIC_KINDS, ResultsError, load_results
 from study.results.plots import write_plots
 from study.results.render import FORMATS, render
@@ -25,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("studies", nargs="+", type=Path, metavar="STUDY_DIR",
                    help="study folder(s) holding results.csv (or the results.csv files); several are combined")
     p.add_argument("--table", default="all", metavar="NAME",
-                   help=f"one of {', '.join(TABLE_NAMES)}, or all (default: every table with a trial)")
+                   help=f"one of {', '.join(TABLE_NAMES)}, {DIRECTIONS} (the paper's claims: md or csv), or all "
+                        "(default: every table with a trial, and the directions in md)")
     p.add_argument("--format", default="md", choices=FORMATS, help="output format (default md)")
     p.add_argument("--out", type=Path, help="write to this file instead of standard output")
     p.add_argument("--plots", type=Path, metavar="DIR", help="also write the PNG plots into DIR")
@@ -37,9 +40,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.table != "all":
-            check_name(args.table)
+        if args.table not in ("all", DIRECTIONS):
+            try:
+                check_name(args.table)
+            except TableError as exc:
+                raise TableError(f"{exc}, {DIRECTIONS}") from None
+        if args.table == DIRECTIONS and args.format not in ("md", "csv"):
+            raise TableError(f"the {DIRECTIONS} table renders as md or csv, not {args.format}")
         frame = load_results(args.studies)
+        if args.table == DIRECTIONS:
+            text = render_directions(build_directions(frame, metric=args.metric), args.format)
+            _emit(text, args.out)
+            return 0
         if args.table == "all":
             tables = report_tables(frame, metric=args.metric)
         else:
@@ -48,12 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = render(tables, args.format, header)
         if args.table == "all" and not tables and args.format != "csv":
             text += "\nNo counted trial matches a table yet.\n"
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text, encoding="utf-8")
-            print(f"wrote {args.out}", file=sys.stderr)
-        else:
-            sys.stdout.write(text)
+        if args.table == "all" and args.format == "md":
+            directions = build_directions(frame, metric=args.metric)
+            if directions:
+                text += "\n" + render_directions(directions, "md")
+        _emit(text, args.out)
         if args.plots:
             for path in write_plots(tables, frame, args.plots, metric=args.metric):
                 print(f"wrote {path}", file=sys.stderr)
@@ -64,6 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _emit(text: str, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from study.results.directions import build_directions, render_directions
 from study.results.load import COUNTED, STATUSES, check_kind, counted, load_results, results_path
 from study.results.plots import write_plots
 from study.results.render import to_markdown
@@ -51,6 +52,9 @@ def write_report(study_dirs: str | Path | Iterable[str | Path], out: str | Path 
     text = to_markdown(tables, report_header(frame, metric))
     if not tables:
         text += "\nNo counted trial matches a table yet.\n"
+    directions = build_directions(frame, metric=metric)
+    if directions:  # the paper's claims, whenever the study has both cells of one
+        text += "\n" + render_directions(directions, "md")
     if plots:
         text += "\n## Plots\n\n" + "\n".join(
             f"![{p.stem}]({Path(os.path.relpath(p, out.parent)).as_posix()})" for p in plots) + "\n"
