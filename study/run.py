@@ -217,6 +217,7 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR, Progress, ResultsCsv, TensorBoardHParams, TrialInfo
+    from study.nodes import check_storage_visible
     from study.searcher import StudySearcher
     from study.trainable import TrialSetup, make_trainable
 
@@ -226,6 +227,8 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
     try:
         if started_ray:
             check_local_resources(space)
+        if not storage.remote:  # a folder on a multi-node cluster must be shared by every node
+            check_storage_visible(storage.local)
         where = "started locally" if started_ray else f"at {address}"
         print(f"Ray {where}: {_resource_line(ray.cluster_resources())}", flush=True)
         if space.base["data.dataset"] == "synthetic" and not space.base["data.root"]:

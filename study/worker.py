@@ -7,7 +7,9 @@ result. Every result holds the last evaluation (``mAP``, ``R1``, ``R5``, ``R10``
 ``mAP_rerank`` ... ``mINP_rerank`` with ``eval.rerank``;
 NaN before the first one, with ``eval_epoch`` = 0), the best one so far (``best_*``, ``best_epoch``,
 ``best_cmc``: CMC at ranks 1..20), ``start_epoch`` (the epoch this worker group resumed from),
-``world_size``, ``ddp_backend`` (``gloo`` / ``nccl``) and ``epoch_s`` (seconds of training and evaluation).
+``world_size``, ``ddp_backend`` (``gloo`` / ``nccl``), ``rank_nodes`` (the Ray node id of every rank, in rank
+order, joined by ``,``: where the worker group runs, which changes when a lost node's trial is retried) and
+``epoch_s`` (seconds of training and evaluation).
 
 A checkpoint folder holds the Trainer's ``checkpoint.pt`` and ``study_state.json`` (last and best
 evaluation), so a restarted worker group (``ray.train.get_checkpoint()``) carries on where it stopped.
@@ -85,6 +87,16 @@ def _maybe_fail(hook: dict[str, Any] | None, epoch: int, rank: int) -> None:
     os._exit(17)
 
 
+def rank_nodes() -> str:
+    """The Ray node id of every rank, in rank order, joined by ``,`` (a collective: every rank calls it)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return node
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return ",".join(nodes)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker. ``loop_config``: ``config`` (Config as a nested dict),
     ``eval_epochs`` (extra epochs to evaluate: ASHA rungs), ``metric``, ``mode``, ``fail_hook`` (tests)."""
@@ -110,7 +122,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 state = json.loads(state_file.read_text())
     start_epoch = trainer.epoch
     world = {"world_size": context.get_world_size(),
-             "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"}
+             "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none",
+             "rank_nodes": rank_nodes()}
     try:
         if start_epoch >= cfg.train.epochs:
             # The run had finished before its driver went away: report its final result once more, so
