@@ -551,8 +551,8 @@ def _space_name(name_or_path: str) -> str:
 
 def resume_command(args: argparse.Namespace, storage: StudyStorage) -> str:
     """The exact command that resumes this study."""
-    words = [sys.executable if not sys.executable.endswith("/python") else "python", "-m", "study.run",
-             args.space, "--storage", storage.root, "--name", storage.name, "--resume"]
+    space = str(Path(args.space).resolve()) if Path(args.space).is_file() else args.space
+    words = [sys.executable, "-m", "study.run", space, "--storage", storage.root, "--name", storage.name, "--resume"]
     if args.address:
         words += ["--address", args.address]
     return shlex.join(words)
