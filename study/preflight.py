@@ -46,6 +46,35 @@ def error_result(exc: BaseException, metric: str, epoch: int = 0) -> dict[str, A
     return {TRIAL_ERROR_KEY: error_line(exc), "epoch": epoch, metric: float("nan")}
 
 
+TRIAL_ERROR_FILE = "trial_error.txt"  # in a Tune trial's folder: the message its workers stopped on
+
+
+def write_trial_error(folder_uri: str, message: str) -> None:
+    """Leave ``message`` in a trial's folder (a local path or a pyarrow URI), for its trainable to raise:
+    Ray Train hands back only the metrics reported with a checkpoint."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder_uri)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{TRIAL_ERROR_FILE}") as out:
+        out.write(message.encode("utf-8"))
+
+
+def read_trial_error(folder_uri: str, remove: bool = False) -> str | None:
+    """The message :func:`write_trial_error` left, or None; ``remove``: delete it (a rerun starts clean)."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder_uri)
+    target = f"{path}/{TRIAL_ERROR_FILE}"
+    if fs.get_file_info(target).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(target) as fh:
+        message = fh.read().decode("utf-8")
+    if remove:
+        fs.delete_file(target)
+    return message
+
+
 def error_line(exc: BaseException) -> str:
     """An exception as one line: its type and the last line of its message."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]

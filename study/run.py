@@ -168,13 +168,21 @@ def init_ray(address: str | None) -> bool:
     port = _free_port()
     url = f"127.0.0.1:{port}"
     # address="local": never join a cluster that `ray start` left on this machine (ray_current_cluster).
-    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                       runtime_env={"env_vars": _job_env(url)}, **quiet)
+    try:
+        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                           runtime_env={"env_vars": _job_env(url)}, **quiet)
+    except Exception as exc:  # Ray's own start-up failures (a node that timed out on an overloaded machine)
+        raise RayStartError(f"Ray did not start on this machine: {error_line(exc)}; run the study again "
+                            f"(no study file was written)") from exc
     if context.dashboard_url != url:
         ray.shutdown()
         raise RuntimeError(f"Ray's dashboard came up at {context.dashboard_url!r} instead of {url}; "
                            f"run the study again (the port was taken meanwhile)")
     return True
+
+
+class RayStartError(RuntimeError):
+    """The local Ray did not start (not the user's input: exit status 1)."""
 
 
 def _job_env(dashboard_url: str) -> dict[str, str]:
@@ -615,6 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"error: --address {args.address}: {error_line(exc)}", file=sys.stderr)
         return 2
+    except RayStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

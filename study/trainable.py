@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from reid_core.config import ConfigError, config_keys
-from study.preflight import TRIAL_ERROR_KEY, PreflightError, dataset_key, error_result
+from study.preflight import PreflightError, dataset_key, error_result, read_trial_error
 from study.space import trial_config
 
 TRAIN_RUN_NAME = "train"
@@ -78,7 +78,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         train_loop_per_worker=_loop,
         train_loop_config={"config": cfg.to_dict(), "eval_epochs": setup.eval_epochs, "metric": setup.metric,
                            "mode": setup.mode, "fail_hook": setup.fail_hook,
-                           "dataset": setup.datasets.get(dataset_key(cfg))},
+                           "dataset": setup.datasets.get(dataset_key(cfg)), "trial_folder": storage},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=setup.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -91,8 +91,9 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             logging_config=LoggingConfig(log_level="WARNING"),  # per-report INFO lines drown the progress
         ),
     )
-    result = trainer.fit()
-    message = (result.metrics or {}).get(TRIAL_ERROR_KEY)
+    read_trial_error(storage, remove=True)  # one left by an earlier attempt (a resumed study reruns errors)
+    trainer.fit()
+    message = read_trial_error(storage)
     if message:  # the workers stopped on a deterministic error (already reported to Tune)
         raise PreflightError(message)
 

@@ -28,7 +28,7 @@ import ray.train.torch
 import torch.distributed as dist
 
 from reid_core.config import Config
-from study.preflight import error_result, is_deterministic
+from study.preflight import TRIAL_ERROR_KEY, error_result, is_deterministic, write_trial_error
 
 EVAL_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
 CMC_RANKS = 20
@@ -96,7 +96,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             raise  # a crash: Train retries the worker group from its last checkpoint
         # The same input fails the same way on every attempt: report it instead of raising, so that
         # neither Train nor Tune retries (the trainable raises it once the run ended).
-        ray.train.report(error_result(exc, loop_config.get("metric", "mAP")))
+        result = error_result(exc, loop_config.get("metric", "mAP"))
+        if ray.train.get_context().get_world_rank() == 0 and loop_config.get("trial_folder"):
+            write_trial_error(loop_config["trial_folder"], result[TRIAL_ERROR_KEY])
+        ray.train.report(result)
 
 
 def _train(loop_config: dict[str, Any]) -> None:
