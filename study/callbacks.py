@@ -69,7 +69,10 @@ def failure_reason(trial: Trial) -> str:
     message = (trial.last_result or {}).get(TRIAL_ERROR_KEY)
     if message:
         return str(message)
-    path = trial.error_file
+    try:
+        path = trial.error_file
+    except AttributeError:  # a trial that never had storage (it did not start)
+        path = None
     lines: list[str] = []
     if path:
         try:
