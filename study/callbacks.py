@@ -189,6 +189,9 @@ class ResultsCsv(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
+        if result.get(TRIAL_ERROR_KEY):  # stopped (the study ending) between its error and its failure
+            self._update(trial, "ERROR", result, error=str(result[TRIAL_ERROR_KEY]))
+            return
         epochs = int(result.get("epoch", 0) or 0)
         self._update(trial, "TERMINATED" if epochs >= self.info.epochs(trial) else "STOPPED", result)
 
@@ -298,7 +301,7 @@ class TensorBoardHParams(Callback):
         self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._end(trial, True)
+        self._end(trial, not (trial.last_result or {}).get(TRIAL_ERROR_KEY))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._end(trial, False)
@@ -366,6 +369,9 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
+        if result.get(TRIAL_ERROR_KEY):
+            self._say(f"{trial.trial_id} ERROR: {result[TRIAL_ERROR_KEY]}  | {self._counts(trials)}")
+            return
         epochs = int(result.get("epoch", 0) or 0)
         how = "finished" if epochs >= self.info.epochs(trial) else f"stopped early by the scheduler at epoch {epochs}"
         best = _number(result.get(f"best_{self.metric}"))
