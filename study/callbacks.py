@@ -182,6 +182,9 @@ class ResultsCsv(Callback):
         self._update(trial, "RUNNING", trial.last_result or {})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
+        if result.get(TRIAL_ERROR_KEY):  # its failure follows (unless the study stops it first): ERROR now
+            self._update(trial, "ERROR", result, error=str(result[TRIAL_ERROR_KEY]))
+            return
         self._update(trial, "RUNNING", result)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
