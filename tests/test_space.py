@@ -240,7 +240,7 @@ def test_plan_searcher_hands_out_the_plan_then_finishes(tmp_path):
 
 def test_dataset_and_data_root_override_the_base(tmp_path, capsys):
     data = tmp_path / "veri"
-    synthetic.generate(data, "veri776", ids=10, cams=2, images_per_id_cam=1, height=16, width=16)
+    synthetic.generate(data, "veri776", ids=40, cams=2, images_per_id_cam=1, height=16, width=16)  # 20 train ids
     assert run.main(["loss_comparison", "--dry-run", "--data-root", str(data), "--set", "train.epochs=5"]) == 0
     out = capsys.readouterr().out
     assert f"veri776 at {data}" in out and "5 epochs" in out
