@@ -16,10 +16,12 @@ import math
 import time
 from typing import Any, Iterable, Mapping
 
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 from ray.tune.experiment import Trial
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from reid_core.config import flatten
+from study.preflight import TRIAL_ERROR_KEY
 from study.space import trial_config
 from study.storage import StudyStorage
 from study.trainable import trial_params
@@ -27,7 +29,7 @@ from study.trainable import trial_params
 EVAL_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
 FIXED_COLUMNS = ("study", "trial_id", "status", "epochs",
                  *(f"final_{k}" for k in EVAL_KEYS), *(f"best_{k}" for k in EVAL_KEYS),
-                 "best_epoch", "cmc", "searched")
+                 "best_epoch", "cmc", "searched", "skipped_images", "error")
 RESULTS_FILE = "results.csv"
 TENSORBOARD_DIR = "tensorboard"
 # Keys always shown as hyperparameters in TensorBoard besides the searched ones.
@@ -54,6 +56,63 @@ def _cell(value: Any) -> str:
 def _config_cell(value: Any) -> str:
     """A config value, exactly (``repr`` of a float keeps 1e-06)."""
     return repr(value) if isinstance(value, float) else str(value)
+
+
+# The study stops when this many trials (or all, when fewer) failed on one deterministic error and
+# none has finished: the rest would fail the same way.
+SAME_ERROR_TRIALS = 2
+
+
+def failure_reason(trial: Trial) -> str:
+    """Why a trial failed, in one line: a deterministic error's message as the trial reported it, else
+    the last line of the exception and where the full traceback is."""
+    message = (trial.last_result or {}).get(TRIAL_ERROR_KEY)
+    if message:
+        return str(message)
+    try:
+        path = trial.error_file
+    except AttributeError:  # a trial that never had storage (it did not start)
+        path = None
+    lines: list[str] = []
+    if path:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                lines = [line.strip() for line in fh if line.strip()]
+        except OSError:
+            pass
+    last = lines[-1] if lines else "unknown error"
+    return f"{last} (traceback: {path})" if path else last
+
+
+class NoRetryOnTrialError(Callback):
+    """A trial that reported a deterministic error (:data:`~study.preflight.TRIAL_ERROR_KEY`) is not
+    retried by Tune: its failure budget is spent, so the failure that follows ends it as ERROR."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
+        if result.get(TRIAL_ERROR_KEY):
+            trial.max_failures = 0
+
+
+class SameErrorStopper(Stopper):
+    """Stops the study once its first ``limit`` trials reported the same deterministic error and no trial
+    has trained an epoch (each trial reports one result before it fails)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.errors: dict[str, str] = {}
+        self.trained = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        message = result.get(TRIAL_ERROR_KEY)
+        if message:
+            self.errors[trial_id] = str(message)
+        elif int(result.get("epoch", 0) or 0) > 0:
+            self.trained = True
+        return False
+
+    def stop_all(self) -> bool:
+        return (not self.trained and len(self.errors) >= self.limit
+                and len(set(self.errors.values())) == 1)
 
 
 class TrialInfo:
@@ -123,6 +182,9 @@ class ResultsCsv(Callback):
         self._update(trial, "RUNNING", trial.last_result or {})
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
+        if result.get(TRIAL_ERROR_KEY):  # its failure follows (unless the study stops it first): ERROR now
+            self._update(trial, "ERROR", result, error=str(result[TRIAL_ERROR_KEY]))
+            return
         self._update(trial, "RUNNING", result)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
@@ -130,15 +192,19 @@ class ResultsCsv(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
+        if result.get(TRIAL_ERROR_KEY):  # stopped (the study ending) between its error and its failure
+            self._update(trial, "ERROR", result, error=str(result[TRIAL_ERROR_KEY]))
+            return
         epochs = int(result.get("epoch", 0) or 0)
         self._update(trial, "TERMINATED" if epochs >= self.info.epochs(trial) else "STOPPED", result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._update(trial, "ERROR", trial.last_result or {})
+        self._update(trial, "ERROR", trial.last_result or {}, error=failure_reason(trial))
 
-    def _update(self, trial: Trial, status: str, result: Mapping[str, Any]) -> None:
+    def _update(self, trial: Trial, status: str, result: Mapping[str, Any], error: str = "") -> None:
         row = self.rows.get(trial.trial_id, {})
         row.update(self.row(trial, status, result) if result.get("epoch") or not row else {"status": status})
+        row["error"] = error
         if trial.trial_id not in self.rows:
             self.order.append(trial.trial_id)
         self.rows[trial.trial_id] = row
@@ -156,6 +222,8 @@ class ResultsCsv(Callback):
         cmc = result.get("best_cmc") or []
         row["cmc"] = json.dumps([round(float(c), 4) for c in cmc]) if evaluated and cmc else ""
         row["searched"] = ";".join(self.info.searched)
+        skipped = _number(result.get("skipped_images"))
+        row["skipped_images"] = str(int(skipped)) if skipped is not None else ""
         row.update({key: _config_cell(value) for key, value in self.info.flat(trial).items()})
         return row
 
@@ -236,7 +304,7 @@ class TensorBoardHParams(Callback):
         self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._end(trial, True)
+        self._end(trial, not (trial.last_result or {}).get(TRIAL_ERROR_KEY))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._end(trial, False)
@@ -256,6 +324,7 @@ class Progress(Callback):
         self.metric = metric
         self.total = total
         self.start = time.time()
+        self.checkpointed: set[str] = set()  # trials with a Train checkpoint to retry from
 
     def setup(self, **info: Any) -> None:
         self.start = time.time()
@@ -279,6 +348,8 @@ class Progress(Callback):
         self._say(f"{trial.trial_id} started: {self._values(trial)}  | {self._counts(trials)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
+        if result.get(CHECKPOINT_PATH_KEY):  # a Train checkpoint, the one a retry starts from
+            self.checkpointed.add(trial.trial_id)
         epoch = int(result.get("epoch", 0) or 0)
         loss = _number(result.get("loss/total"))
         line = f"{trial.trial_id} epoch {epoch}/{self.info.epochs(trial)}"
@@ -295,10 +366,15 @@ class Progress(Callback):
             line += f"  {seconds:.1f} s"
         if int(result.get("start_epoch", 0) or 0) > 0 and epoch == int(result["start_epoch"]) + 1:
             line += f"  (resumed from the epoch-{int(result['start_epoch'])} checkpoint)"
+        if result.get(TRIAL_ERROR_KEY):
+            line = f"{trial.trial_id} failed (not retried: a config or data error): {result[TRIAL_ERROR_KEY]}"
         self._say(line)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
+        if result.get(TRIAL_ERROR_KEY):
+            self._say(f"{trial.trial_id} ERROR: {result[TRIAL_ERROR_KEY]}  | {self._counts(trials)}")
+            return
         epochs = int(result.get("epoch", 0) or 0)
         how = "finished" if epochs >= self.info.epochs(trial) else f"stopped early by the scheduler at epoch {epochs}"
         best = _number(result.get(f"best_{self.metric}"))
@@ -306,7 +382,9 @@ class Progress(Callback):
         self._say(f"{trial.trial_id} {how}{tail}  | {self._counts(trials)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._say(f"{trial.trial_id} failed; retrying from its last checkpoint ({trial.error_file or 'no error file'})")
+        saved = trial.checkpoint or trial.trial_id in self.checkpointed
+        how = "retrying from its last checkpoint" if saved else "retrying from the start (no checkpoint yet)"
+        self._say(f"{trial.trial_id} failed; {how}: {failure_reason(trial)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._say(f"{trial.trial_id} ERROR (see {trial.error_file})  | {self._counts(trials)}")
+        self._say(f"{trial.trial_id} ERROR: {failure_reason(trial)}  | {self._counts(trials)}")

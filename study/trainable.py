@@ -21,7 +21,8 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from reid_core.config import config_keys
+from reid_core.config import ConfigError, config_keys
+from study.preflight import PreflightError, dataset_key, error_result, read_trial_error
 from study.space import trial_config
 
 TRAIN_RUN_NAME = "train"
@@ -47,6 +48,9 @@ class TrialSetup:
     mode: str = "max"
     fail_hook: dict[str, Any] | None = None  # tests: {"epoch": N, "marker": path}
     worker_env: dict[str, str] = field(default_factory=dict)
+    # The driver's dataset index per study.preflight.dataset_key (Ray object references): trials train
+    # from it instead of reading the dataset again.
+    datasets: dict[str, Any] = field(default_factory=dict)
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -56,8 +60,14 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """Tune function trainable: run the trial's TorchTrainer to the end (or until Tune stops it)."""
-    cfg = trial_config(setup.base, trial_params(config))
+    """Tune function trainable: run the trial's TorchTrainer to the end (or until Tune stops it). A
+    deterministic error (config or data) is reported once and raised, and not retried (see
+    study.preflight)."""
+    try:
+        cfg = trial_config(setup.base, trial_params(config))
+    except ConfigError as exc:
+        tune.report(error_result(exc, setup.metric))
+        raise
     trial_dir = PurePosixPath(tune.get_context().get_trial_dir()).name
     storage = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
     use_gpu = setup.gpus_per_worker > 0
@@ -67,7 +77,8 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker=_loop,
         train_loop_config={"config": cfg.to_dict(), "eval_epochs": setup.eval_epochs, "metric": setup.metric,
-                           "mode": setup.mode, "fail_hook": setup.fail_hook},
+                           "mode": setup.mode, "fail_hook": setup.fail_hook,
+                           "dataset": setup.datasets.get(dataset_key(cfg)), "trial_folder": storage},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=setup.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -80,7 +91,11 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             logging_config=LoggingConfig(log_level="WARNING"),  # per-report INFO lines drown the progress
         ),
     )
+    read_trial_error(storage, remove=True)  # one left by an earlier attempt (a resumed study reruns errors)
     trainer.fit()
+    message = read_trial_error(storage)
+    if message:  # the workers stopped on a deterministic error (already reported to Tune)
+        raise PreflightError(message)
 
 
 def _loop(loop_config: dict[str, Any]) -> None:

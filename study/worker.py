@@ -30,6 +30,7 @@ import ray.train.torch
 import torch.distributed as dist
 
 from reid_core.config import Config
+from study.preflight import TRIAL_ERROR_KEY, error_result, is_deterministic, write_trial_error
 
 EVAL_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
 CMC_RANKS = 20
@@ -100,6 +101,20 @@ def rank_nodes() -> str:
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker. ``loop_config``: ``config`` (Config as a nested dict),
     ``eval_epochs`` (extra epochs to evaluate: ASHA rungs), ``metric``, ``mode``, ``fail_hook`` (tests)."""
+    try:
+        _train(loop_config)
+    except Exception as exc:
+        if not is_deterministic(exc):
+            raise  # a crash: Train retries the worker group from its last checkpoint
+        # The same input fails the same way on every attempt: report it instead of raising, so that
+        # neither Train nor Tune retries (the trainable raises it once the run ended).
+        result = error_result(exc, loop_config.get("metric", "mAP"))
+        if ray.train.get_context().get_world_rank() == 0 and loop_config.get("trial_folder"):
+            write_trial_error(loop_config["trial_folder"], result[TRIAL_ERROR_KEY])
+        ray.train.report(result)
+
+
+def _train(loop_config: dict[str, Any]) -> None:
     from reid_core.engine import Trainer  # imported in the worker: pulls in torch models and data
 
     cfg = Config.from_dict(loop_config["config"]).validate()
@@ -111,7 +126,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     eval_epochs = {int(e) for e in loop_config.get("eval_epochs", [])}
     metric, mode = loop_config.get("metric", "mAP"), loop_config.get("mode", "max")
 
-    trainer = Trainer(cfg, log_dir=scratch / "tensorboard", device=device)
+    index = loop_config.get("dataset")  # the driver's dataset index (an object reference), if handed over
+    trainer = Trainer(cfg, log_dir=scratch / "tensorboard", device=device,
+                      dataset=ray.get(index) if index is not None else None)
     state = empty_state()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -137,6 +154,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 update_state(state, trainer.evaluate(), epoch, metric, mode)
             result = result_of(train_metrics, state, start_epoch, world)
             result["epoch_s"] = time.perf_counter() - began  # training + evaluation, without Ray's overheads
+            result["skipped_images"] = trainer.skipped_images()
             if trainer.checkpoint_due():
                 folder = Path(tempfile.mkdtemp(prefix="ckpt-", dir=scratch))
                 trainer.save_checkpoint(folder)  # every rank takes part; rank 0 writes
