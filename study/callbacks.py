@@ -20,7 +20,8 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from reid_core.config import flatten
-from study.space import trial_config
+from study.hparams import experiment_summary, hparam_keys, run_name
+from study.space import SearchSpace, trial_config
 from study.storage import StudyStorage
 from study.trainable import trial_params
 
@@ -30,8 +31,6 @@ FIXED_COLUMNS = ("study", "trial_id", "status", "epochs",
                  "best_epoch", "cmc", "searched")
 RESULTS_FILE = "results.csv"
 TENSORBOARD_DIR = "tensorboard"
-# Keys always shown as hyperparameters in TensorBoard besides the searched ones.
-HPARAM_KEYS = ("data.dataset", "loss.name", "framework.name", "train.seed")
 # Result keys that are Tune / Train bookkeeping, not metrics.
 _NOT_METRICS = {"epoch", "eval_epoch", "best_epoch", "start_epoch", "world_size", "training_iteration", "timestamp",
                 "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore",
@@ -72,10 +71,6 @@ class TrialInfo:
     def epochs(self, trial: Trial) -> int:
         """The trial's budget (``train.epochs``)."""
         return int(self.flat(trial)["train.epochs"])
-
-    def hparams(self, trial: Trial) -> dict[str, Any]:
-        flat = self.flat(trial)
-        return {key: flat[key] for key in dict.fromkeys([*self.searched, *HPARAM_KEYS])}
 
 
 def session_end_summary(success: bool) -> Any:
@@ -177,13 +172,18 @@ class ResultsCsv(Callback):
 
 
 class TensorBoardHParams(Callback):
-    """Per trial ``tensorboard/<trial_id>/``: per-epoch scalars (training metrics under their own names,
-    evaluations under ``eval/``, the best so far under ``best/``; x axis: epochs) and the HParams plugin's
-    session start/end records in the same run, so that TensorBoard's HPARAMS tab compares trials."""
+    """Per trial ``tensorboard/<run name>/`` (:func:`study.hparams.run_name`: ``003 lr=0.001 name=he``):
+    per-epoch scalars (training metrics under their own names, evaluations under ``eval/``, the best so far
+    under ``best/``; x axis: epochs) and the HParams plugin's session start/end records in the same run;
+    ``tensorboard/`` itself holds the experiment summary (:func:`study.hparams.experiment_summary`), so that
+    TensorBoard's HPARAMS tab compares trials by their searched values and mAP."""
 
-    def __init__(self, storage: StudyStorage, info: TrialInfo) -> None:
+    def __init__(self, storage: StudyStorage, info: TrialInfo, space: SearchSpace) -> None:
         self.storage = storage
         self.info = info
+        self.space = space
+        self.keys = hparam_keys(space)
+        self.runs: dict[str, str] = {}  # Tune trial id -> run folder name
         self._writers: dict[str, Any] = {}
 
     def __getstate__(self) -> dict:
@@ -191,21 +191,45 @@ class TensorBoardHParams(Callback):
         state["_writers"] = {}
         return state
 
+    def get_state(self) -> dict | None:
+        return {"runs": self.runs}
+
+    def set_state(self, state: dict) -> None:
+        self.runs = dict(state["runs"])
+
+    def setup(self, **info: Any) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if not any(self.storage.path(TENSORBOARD_DIR).glob("events.out.tfevents.*")):
+            with SummaryWriter(str(self.storage.path(TENSORBOARD_DIR))) as writer:
+                writer.file_writer.add_summary(experiment_summary(self.space))
+            self.storage.upload(TENSORBOARD_DIR)
+
+    def run(self, trial: Trial) -> str:
+        """The trial's run folder name (numbered in the order trials start)."""
+        if trial.trial_id not in self.runs:
+            self.runs[trial.trial_id] = run_name(len(self.runs) + 1, self.hparams(trial))
+        return self.runs[trial.trial_id]
+
+    def hparams(self, trial: Trial) -> dict[str, Any]:
+        flat = self.info.flat(trial)
+        return {key: flat[key] for key in self.keys}
+
     def _writer(self, trial: Trial) -> Any:
         writer = self._writers.get(trial.trial_id)
         if writer is None:
             from tensorboard.plugins.hparams import summary_v2
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(self.storage.path(f"{TENSORBOARD_DIR}/{trial.trial_id}")))
+            writer = SummaryWriter(str(self.storage.path(f"{TENSORBOARD_DIR}/{self.run(trial)}")))
             writer.file_writer.add_summary(
-                summary_v2.hparams_pb(self.info.hparams(trial), trial_id=trial.trial_id, start_time_secs=time.time()))
+                summary_v2.hparams_pb(self.hparams(trial), trial_id=self.run(trial), start_time_secs=time.time()))
             self._writers[trial.trial_id] = writer
         return writer
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._writer(trial).flush()
-        self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
+        self.storage.upload(f"{TENSORBOARD_DIR}/{self.run(trial)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
         writer = self._writer(trial)
@@ -226,14 +250,14 @@ class TensorBoardHParams(Callback):
                 if number is not None:
                     writer.add_scalar(f"best/{key}", number, epoch)
         writer.flush()
-        self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
+        self.storage.upload(f"{TENSORBOARD_DIR}/{self.run(trial)}")
 
     def _end(self, trial: Trial, success: bool) -> None:
         writer = self._writer(trial)
         writer.file_writer.add_summary(session_end_summary(success))
         writer.close()
         del self._writers[trial.trial_id]
-        self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
+        self.storage.upload(f"{TENSORBOARD_DIR}/{self.run(trial)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._end(trial, True)

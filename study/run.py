@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU training with gloo)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
     p.add_argument("--address", help="an existing Ray cluster (e.g. auto, 10.0.0.1:6379); default: start a local one")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="SQLAlchemy URL of the Optuna record (postgresql://user@host/db); default: "
+                        "sqlite:///<study folder>/optuna.db")
     p.add_argument("--resume", action="store_true", help="resume the study in <storage>/<name> without re-running finished trials")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the base (loss.margin=0.2; pins a searched key) or a space "
@@ -208,7 +211,7 @@ def fail_hook() -> dict[str, Any] | None:
 
 
 def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, address: str | None,
-              extra_callbacks: Sequence[Any] = ()) -> int:
+              extra_callbacks: Sequence[Any] = (), optuna_url: str | None = None) -> int:
     """Run (or resume) the study; prints progress and the final table. Returns the exit status.
     ``extra_callbacks``: more Tune callbacks for a new study (benchmarks time trials with one)."""
     import ray
@@ -216,7 +219,8 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR, Progress, ResultsCsv, TensorBoardHParams, TrialInfo
+    from study.callbacks import Progress, ResultsCsv, TensorBoardHParams, TrialInfo
+    from study.optuna_record import OPTUNA_DB, OptunaRecorder
     from study.searcher import StudySearcher
     from study.trainable import TrialSetup, make_trainable
 
@@ -248,7 +252,10 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
         else:
             info = TrialInfo(space.base, space.searched_keys)
             total = space.total_trials()
-            callbacks = [ResultsCsv(storage, storage.name, info), TensorBoardHParams(storage, info),
+            record = optuna_record(space, storage, optuna_url)
+            record.create(space.cells())
+            callbacks = [ResultsCsv(storage, storage.name, info), TensorBoardHParams(storage, info, space),
+                         OptunaRecorder(record, space.metric, info.epochs),
                          Progress(info, space.metric, total), CSVLoggerCallback(), JsonLoggerCallback(),
                          *extra_callbacks]
             if space.scheduler.type == "asha":
@@ -259,7 +266,7 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
                 scheduler = FIFOScheduler()
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=StudySearcher(space),
+                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=StudySearcher(space, record),
                                             scheduler=scheduler, num_samples=total,
                                             max_concurrent_trials=r.max_concurrent),
                 run_config=tune.RunConfig(name=storage.name, storage_path=storage.root, callbacks=callbacks,
@@ -268,8 +275,10 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
             )
         grid = tuner.fit()
         errors = sum(1 for result in grid if result.error is not None)
-        print_summary(space, storage, time.time() - started)
-        write_report(storage)
+        if storage.path(OPTUNA_DB).is_file():
+            storage.upload(OPTUNA_DB)
+        print_summary(space, storage, time.time() - started, optuna_url)
+        write_report(storage, optuna_record(space, storage, optuna_url))
         return 1 if errors else 0
     finally:
         ray.shutdown()  # stops the local Ray this process started; only disconnects from an existing one
@@ -288,7 +297,16 @@ def _resource_line(resources: dict[str, float]) -> str:
     return ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
 
 
-def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float) -> None:
+def optuna_record(space: SearchSpace, storage: StudyStorage, url: str | None) -> Any:
+    """The study's Optuna record (``url``: SQLAlchemy URL; default ``optuna.db`` in the study folder)."""
+    from study.optuna_record import OptunaRecord, default_url, study_names
+
+    if not url:
+        storage.local.mkdir(parents=True, exist_ok=True)
+    return OptunaRecord(url or default_url(storage.local), study_names(space, storage.name), space.mode)
+
+
+def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, optuna_url: str | None = None) -> None:
     import pandas as pd
 
     from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR
@@ -311,11 +329,12 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float) -> 
     print(f"\nresults table : {storage.location(RESULTS_FILE)}")
     print(f"TensorBoard   : {storage.location(TENSORBOARD_DIR)}   (tensorboard --logdir {storage.location(TENSORBOARD_DIR)})")
     print(f"Tune folder   : {storage.uri}   (trials, checkpoints; resume with --resume)")
+    print(f"Optuna record : optuna-dashboard {optuna_record(space, storage, optuna_url).url}")
     if storage.remote:
         print(f"local copy    : {storage.local}")
 
 
-def write_report(storage: StudyStorage) -> None:
+def write_report(storage: StudyStorage, record: Any = None) -> None:
     """``study.results.write_report`` (results.md and plots) when that module is present."""
     try:
         from study.results import write_report as report
@@ -326,6 +345,10 @@ def write_report(storage: StudyStorage) -> None:
         raise
     try:
         path = report(storage.local)
+        if record is not None:
+            from study.importance import append_importances
+
+            append_importances(record, path)
     except Exception:  # the study itself succeeded: report the failure loudly and keep the exit status
         traceback.print_exc()
         print(f"results.md NOT written: study.results.write_report({storage.local}) failed (traceback above)",
@@ -358,6 +381,27 @@ def load_for_run(args: argparse.Namespace) -> tuple[SearchSpace, StudyStorage]:
     return space, storage
 
 
+def check_optuna_storage(args: argparse.Namespace, space: SearchSpace, storage: StudyStorage) -> str | None:
+    """The Optuna storage URL of the study (None: the default SQLite file), reachable, and holding this
+    study's Optuna studies exactly when resuming."""
+    url = args.optuna_storage
+    if args.resume:
+        saved = json.loads(storage.read_text(STUDY_FILE) or "{}").get("optuna_storage")
+        if url and saved and url != saved:
+            raise SpaceError(f"this study records its Optuna trials in {saved}; resume it without "
+                             f"--optuna-storage or with that URL")
+        url = url or saved
+    record = optuna_record(space, storage, url)
+    try:
+        existing = record.existing()
+    except Exception as exc:  # SQLAlchemy: bad URL, no driver, server unreachable, no such database
+        raise SpaceError(f"cannot open the Optuna storage {record.url}: {exc}") from exc
+    if existing and not args.resume:
+        raise SpaceError(f"the Optuna storage {record.url} already holds the study {existing[0]!r}: pass "
+                         f"--resume to carry it on, or --name for a new one")
+    return url
+
+
 def _space_name(name_or_path: str) -> str:
     raw = yaml.safe_load(resolve_path(name_or_path).read_text())
     return raw.get("name") if isinstance(raw, dict) and raw.get("name") else Path(name_or_path).stem
@@ -386,13 +430,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and not exists:
         print(f"error: {storage.uri} holds no Tune experiment to resume", file=sys.stderr)
         return 2
+    try:
+        optuna_url = check_optuna_storage(args, space, storage)
+    except SpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not args.resume:
         raw = yaml.safe_load(resolve_path(args.space).read_text())
         storage.write_text(STUDY_FILE, json.dumps(
-            {"space": raw, "source": space.source, "overrides": _overrides(args), "resources": _resources(args)},
-            indent=2))
+            {"space": raw, "source": space.source, "overrides": _overrides(args), "resources": _resources(args),
+             "optuna_storage": optuna_url}, indent=2))
     try:
-        return run_study(space, storage, resume=args.resume, address=args.address)
+        return run_study(space, storage, resume=args.resume, address=args.address, optuna_url=optuna_url)
     except SpaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

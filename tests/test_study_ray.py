@@ -19,9 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from study import run
 from study.callbacks import FIXED_COLUMNS
@@ -241,6 +243,9 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     first_id, second_id = before[0]["trial_id"], before[1]["trial_id"]
     first_progress = trial_progress(study, first_id)
     assert before[1]["status"] == "RUNNING"
+    record = optuna.load_study(study_name="resume", storage=f"sqlite:///{study}/optuna.db")
+    first_record = {t.user_attrs["tune_trial_id"]: t for t in record.get_trials()}[first_id]
+    assert first_record.state == TrialState.COMPLETE
 
     start = time.time()
     assert run.main([str(space), "--storage", str(tmp_path / "elsewhere"), "--resume"]) == 2  # nothing to resume
@@ -255,3 +260,11 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     # The interrupted trial carried on from its last checkpoint instead of starting over.
     second = trial_progress(study, second_id)
     assert second["start_epoch"].iloc[-1] >= 1 and second["epoch"].iloc[-1] == 3
+    # The Optuna record carried on: the same two trials (grid: fixed parameters), none RUNNING, no duplicate.
+    trials = optuna.load_study(study_name="resume", storage=f"sqlite:///{study}/optuna.db").get_trials()
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in trials}
+    assert len(trials) == 2 and set(by_tune) == {first_id, second_id}
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert by_tune[first_id].datetime_complete == first_record.datetime_complete  # not recorded twice
+    assert sorted(by_tune[second_id].intermediate_values) == [1, 2, 3]
+    assert {t.params["optim.lr"] for t in trials} == {1e-3, 3e-4}
