@@ -23,21 +23,17 @@ import resource
 import socket
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.study import TrialTimer, callback_costs, load_average
-from study.run import run_study
+from benchmarks.study import callback_costs, load_average, timed_study
 from study.space import parse_space
-from study.storage import StudyStorage
 
 TRIAL_COUNTS = (50, 100, 300)
 QUICK_TRIAL_COUNTS = (20, 50)
 WORKER_NODES = 2
 FAKE_GPUS_PER_NODE = 4
 CPUS_PER_NODE = 1  # what each simulated node declares (the machine has 2 cores in all)
-SEEDS_PER_CELL = 5  # trials = 2 losses x 2 frameworks x ... x seeds; see space_dict
 
 
 def space_dict(name: str, trials: int) -> dict[str, Any]:
@@ -121,13 +117,10 @@ def start_cluster() -> Any:
 def run_one(root: Path, address: str, trials: int) -> dict[str, float]:
     name = f"scale-{trials}"
     space = parse_space(space_dict(name, trials), source=f"benchmark:{name}")
-    timer = TrialTimer()
-    cpu, start, before = _cpu_s(), time.perf_counter(), rss_mib()
+    cpu, before = _cpu_s(), rss_mib()
     with RssSampler() as rss:
-        status = run_study(space, StudyStorage(root, name), resume=False, address=address, extra_callbacks=[timer])
-    wall, cpu = time.perf_counter() - start, _cpu_s() - cpu
-    if status != 0:
-        raise RuntimeError(f"simulated study {name} failed (exit status {status}); see the output above")
+        wall, timer = timed_study(space, root, address)
+    cpu = _cpu_s() - cpu
     results = sum(len(r) for r in timer.results.values())
     lines = timer.timelines()
     overhead = sorted(line.overhead_s for line in lines)

@@ -135,17 +135,24 @@ def print_breakdown(title: str, lines: list[TrialTimeline]) -> dict[str, float]:
     return figures
 
 
+def timed_study(space: Any, root: Path, address: str | None = None) -> tuple[float, TrialTimer]:
+    """Run ``space`` as ``python -m study.run`` does (Ray start and report included) into ``root/<name>``;
+    returns its wall seconds and the trial timer. Raises when the study fails."""
+    timer = TrialTimer()
+    start = time.perf_counter()
+    status = run_study(space, StudyStorage(root, space.name), resume=False, address=address, extra_callbacks=[timer])
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"benchmark study {space.name} failed (exit status {status}); see the output above")
+    return wall, timer
+
+
 # ---- the quickstart -------------------------------------------------------------------------------------
 
 def run_quickstart(root: Path) -> dict[str, Any]:
-    """Run the quickstart as ``make demo`` does (Ray start and report included) with a trial timer."""
+    """Run the quickstart as ``make demo`` does with a trial timer."""
     space = load_space(QUICKSTART)
-    timer = TrialTimer()
-    start = time.perf_counter()
-    status = run_study(space, StudyStorage(root, QUICKSTART), resume=False, address=None, extra_callbacks=[timer])
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"the quickstart failed (exit status {status}); see the output above")
+    wall, timer = timed_study(space, root)
     lines = timer.timelines()
     slots = space.resources.max_concurrent
     busy = sum(line.epoch_s for line in lines)
@@ -257,12 +264,7 @@ def space_dict(name: str, asha: bool) -> dict[str, Any]:
 def run_one(root: Path, asha: bool) -> dict[str, Any]:
     name = "asha" if asha else "grid"
     space = parse_space(space_dict(name, asha), source=f"benchmark:{name}")
-    timer = TrialTimer()
-    start = time.perf_counter()
-    status = run_study(space, StudyStorage(root, name), resume=False, address=None, extra_callbacks=[timer])
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"benchmark study {name} failed (exit status {status}); see the output above")
+    wall, timer = timed_study(space, root)
     table = pd.read_csv(root / name / "results.csv")
     best = table.loc[table["best_mAP"].idxmax()]
     return {"wall_s": wall, "epochs": int(table["epochs"].sum()), "trials": len(table),
