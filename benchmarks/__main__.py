@@ -15,7 +15,7 @@ import sys
 import time
 from datetime import date
 
-TOPICS = ("losses", "step", "evaluation", "rerank", "data", "study", "scale")
+TOPICS = ("losses", "step", "evaluation", "rerank", "data", "study", "scale", "preflight")
 
 # name of the headline figure -> (comparison, target). Ratios are "cost over the floor" (lower is better)
 # or "speedup over the reference" (higher is better).

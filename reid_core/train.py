@@ -116,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not quiet:
         seconds = time.perf_counter() - start
         print(f"final {format_metrics(metrics)} seconds={seconds:.1f}", flush=True)
+        if not args.eval_only:
+            print(f"checkpoint  : {trainer.checkpoint_dir / 'checkpoint.pt'} (resume with --resume)\n"
+                  f"TensorBoard : {trainer.logger.log_dir} (tensorboard --logdir {trainer.logger.log_dir})",
+                  flush=True)
     return 0
 
 

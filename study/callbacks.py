@@ -18,10 +18,12 @@ import threading
 import time
 from typing import Any, Iterable, Mapping, TextIO
 
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 from ray.tune.experiment import Trial
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from reid_core.config import flatten
+from study.preflight import TRIAL_ERROR_KEY
 from study.space import trial_config
 from study.storage import StudyStorage
 from study.trainable import trial_params
@@ -29,7 +31,7 @@ from study.trainable import trial_params
 EVAL_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
 FIXED_COLUMNS = ("study", "trial_id", "status", "epochs",
                  *(f"final_{k}" for k in EVAL_KEYS), *(f"best_{k}" for k in EVAL_KEYS),
-                 "best_epoch", "cmc", "searched")
+                 "best_epoch", "cmc", "searched", "skipped_images", "error")
 RESULTS_FILE = "results.csv"
 TENSORBOARD_DIR = "tensorboard"
 # Keys always shown as hyperparameters in TensorBoard besides the searched ones.
@@ -61,6 +63,63 @@ def _cell(value: Any) -> str:
 def _config_cell(value: Any) -> str:
     """A config value, exactly (``repr`` of a float keeps 1e-06)."""
     return repr(value) if isinstance(value, float) else str(value)
+
+
+# The study stops when this many trials (or all, when fewer) failed on one deterministic error and
+# none has finished: the rest would fail the same way.
+SAME_ERROR_TRIALS = 2
+
+
+def failure_reason(trial: Trial) -> str:
+    """Why a trial failed, in one line: a deterministic error's message as the trial reported it, else
+    the last line of the exception and where the full traceback is."""
+    message = (trial.last_result or {}).get(TRIAL_ERROR_KEY)
+    if message:
+        return str(message)
+    try:
+        path = trial.error_file
+    except AttributeError:  # a trial that never had storage (it did not start)
+        path = None
+    lines: list[str] = []
+    if path:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                lines = [line.strip() for line in fh if line.strip()]
+        except OSError:
+            pass
+    last = lines[-1] if lines else "unknown error"
+    return f"{last} (traceback: {path})" if path else last
+
+
+class NoRetryOnTrialError(Callback):
+    """A trial that reported a deterministic error (:data:`~study.preflight.TRIAL_ERROR_KEY`) is not
+    retried by Tune: its failure budget is spent, so the failure that follows ends it as ERROR."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
+        if result.get(TRIAL_ERROR_KEY):
+            trial.max_failures = 0
+
+
+class SameErrorStopper(Stopper):
+    """Stops the study once its first ``limit`` trials reported the same deterministic error and no trial
+    has trained an epoch (each trial reports one result before it fails)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.errors: dict[str, str] = {}
+        self.trained = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        message = result.get(TRIAL_ERROR_KEY)
+        if message:
+            self.errors[trial_id] = str(message)
+        elif int(result.get("epoch", 0) or 0) > 0:
+            self.trained = True
+        return False
+
+    def stop_all(self) -> bool:
+        return (not self.trained and len(self.errors) >= self.limit
+                and len(set(self.errors.values())) == 1)
 
 
 class TrialInfo:
@@ -165,6 +224,9 @@ class ResultsCsv(Callback):
         self.write()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
+        if result.get(TRIAL_ERROR_KEY):  # its failure follows (unless the study stops it first): ERROR now
+            self._update(trial, "ERROR", result, error=str(result[TRIAL_ERROR_KEY]))
+            return
         self._update(trial, "RUNNING", result)
         self._maybe_write()
 
@@ -174,12 +236,15 @@ class ResultsCsv(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
+        if result.get(TRIAL_ERROR_KEY):  # stopped (the study ending) between its error and its failure
+            self._update(trial, "ERROR", result, error=str(result[TRIAL_ERROR_KEY]))
+            return
         epochs = int(result.get("epoch", 0) or 0)
         self._update(trial, "TERMINATED" if epochs >= self.info.epochs(trial) else "STOPPED", result)
         self.write()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._update(trial, "ERROR", trial.last_result or {})
+        self._update(trial, "ERROR", trial.last_result or {}, error=failure_reason(trial))
         self.write()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -191,9 +256,10 @@ class ResultsCsv(Callback):
         if self._dirty or self._stored < self._version:
             self.write()
 
-    def _update(self, trial: Trial, status: str, result: Mapping[str, Any]) -> None:
+    def _update(self, trial: Trial, status: str, result: Mapping[str, Any], error: str = "") -> None:
         row = self.rows.get(trial.trial_id, {})
         row.update(self.row(trial, status, result) if result.get("epoch") or not row else {"status": status})
+        row["error"] = error
         if trial.trial_id not in self.rows:
             self.order.append(trial.trial_id)
             self._columns.update(dict.fromkeys(k for k in row if k not in FIXED_COLUMNS))
@@ -231,6 +297,8 @@ class ResultsCsv(Callback):
         cmc = result.get("best_cmc") or []
         row["cmc"] = json.dumps([round(float(c), 4) for c in cmc]) if evaluated and cmc else ""
         row["searched"] = ";".join(self.info.searched)
+        skipped = _number(result.get("skipped_images"))
+        row["skipped_images"] = str(int(skipped)) if skipped is not None else ""
         row.update({key: _config_cell(value) for key, value in self.info.flat(trial).items()})
         return row
 
@@ -332,7 +400,7 @@ class TensorBoardHParams(Callback):
         self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._end(trial, True)
+        self._end(trial, not (trial.last_result or {}).get(TRIAL_ERROR_KEY))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._end(trial, False)
@@ -345,7 +413,8 @@ class TensorBoardHParams(Callback):
 
 class Progress(Callback):
     """The study's console: one line when a trial starts, per evaluation, when it ends and when it fails or
-    is retried (then with its error in full, read from the trial's error file), and a study-wide bar
+    is retried (then with its error: a config or data error's message, else the exception's last line and
+    where its traceback is), and a study-wide bar
     (trials done, running, elapsed, ETA). On a terminal the bar is the last line, redrawn in place; in a
     log file it closes every trial's start and end line instead.
 
@@ -364,6 +433,7 @@ class Progress(Callback):
         self.epochs_done: dict[str, int] = {}  # running trials
         self.finished = 0
         self._bar_drawn = False
+        self.checkpointed: set[str] = set()  # trials with a checkpoint to retry from
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -432,16 +502,6 @@ class Progress(Callback):
         flat = self.info.flat(trial)
         return " ".join(f"{k}={_config_cell(flat[k])}" for k in self.info.searched) or "(base config)"
 
-    def _error(self, trial: Trial) -> str:
-        path = getattr(trial, "error_file", None)
-        if path:
-            try:
-                with open(path, encoding="utf-8", errors="replace") as fh:
-                    return fh.read().rstrip()
-            except OSError:
-                pass
-        return f"(no error file{f' at {path}' if path else ''})"
-
     # ---- events ----
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         if self.first_trial_at is None:
@@ -450,6 +510,12 @@ class Progress(Callback):
         self._say(f"{trial.trial_id} started: {self._values(trial)}", trials, bar_inline=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
+        if result.get(CHECKPOINT_PATH_KEY) or trial.checkpoint:  # a checkpoint, the one a retry starts from
+            self.checkpointed.add(trial.trial_id)
+        if result.get(TRIAL_ERROR_KEY):
+            self._say(f"{trial.trial_id} failed (not retried: a config or data error): {result[TRIAL_ERROR_KEY]}",
+                      trials)
+            return
         epoch = int(result.get("epoch", 0) or 0)
         self.epochs_done[trial.trial_id] = epoch
         value = _number(result.get(self.metric))
@@ -474,6 +540,9 @@ class Progress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self.epochs_done.pop(trial.trial_id, None)
         result = trial.last_result or {}
+        if result.get(TRIAL_ERROR_KEY):
+            self._say(f"{trial.trial_id} ERROR: {result[TRIAL_ERROR_KEY]}", trials, bar_inline=True)
+            return
         epochs = int(result.get("epoch", 0) or 0)
         how = "finished" if epochs >= self.info.epochs(trial) else f"stopped early by the scheduler at epoch {epochs}"
         best = _number(result.get(f"best_{self.metric}"))
@@ -481,13 +550,13 @@ class Progress(Callback):
         self._say(f"{trial.trial_id} {how}{tail}", trials, bar_inline=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._say(f"{trial.trial_id} failed; retrying from its last checkpoint. Its error:\n{self._error(trial)}",
-                  trials)
+        saved = trial.checkpoint or trial.trial_id in self.checkpointed
+        how = "retrying from its last checkpoint" if saved else "retrying from the start (no checkpoint yet)"
+        self._say(f"{trial.trial_id} failed; {how}: {failure_reason(trial)}", trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self.epochs_done.pop(trial.trial_id, None)
-        self._say(f"{trial.trial_id} ERROR after its retries. Its error:\n{self._error(trial)}", trials,
-                  bar_inline=True)
+        self._say(f"{trial.trial_id} ERROR: {failure_reason(trial)}", trials, bar_inline=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._tty() and self._bar_drawn:

@@ -15,20 +15,26 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import os
+import shlex
 import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from study.space import SearchSpace, SpaceError, load_space, parse_space, resolve_path, validate_plan
-from study.storage import DEFAULT_STORAGE, StudyStorage, is_uri
+from study.preflight import Preflight, PreflightError, error_line, preflight
+from study.space import (_NAME_RE, SearchSpace, SpaceError, checked_params, load_space, parse_space, plan,
+                         resolve_path, validate_plan)
+from study.storage import DEFAULT_STORAGE, StorageError, StudyStorage, is_uri
 
 STUDY_FILE = "study.json"
 FAIL_HOOK_ENV = "MOREID_STUDY_FAIL_AT_EPOCH"  # tests: "<epoch>:<marker file>", a worker dies once
@@ -55,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU training with gloo)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
     p.add_argument("--address", help="an existing Ray cluster (e.g. auto, 10.0.0.1:6379); default: start a local one")
-    p.add_argument("--resume", action="store_true", help="resume the study in <storage>/<name> without re-running finished trials")
+    p.add_argument("--resume", action="store_true",
+                   help="resume the study in <storage>/<name> without re-running finished trials (may take a "
+                        "corrected --data-root; the searched space stays as it was started)")
+    p.add_argument("--restart", action="store_true",
+                   help="replace the study in <storage>/<name>, finished trials included, with a new one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the base (loss.margin=0.2; pins a searched key) or a space "
                         "setting (scheduler.grace_epochs=2, seeds=[0,1], searcher.seed=3); repeatable")
@@ -160,13 +170,21 @@ def init_ray(address: str | None) -> bool:
     port = _free_port()
     url = f"127.0.0.1:{port}"
     # address="local": never join a cluster that `ray start` left on this machine (ray_current_cluster).
-    context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                       runtime_env={"env_vars": _job_env(url)}, **quiet)
+    try:
+        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                           runtime_env={"env_vars": _job_env(url)}, **quiet)
+    except Exception as exc:  # Ray's own start-up failures (a node that timed out on an overloaded machine)
+        raise RayStartError(f"Ray did not start on this machine: {error_line(exc)}; run the study again "
+                            f"(no study file was written)") from exc
     if context.dashboard_url != url:
         ray.shutdown()
         raise RuntimeError(f"Ray's dashboard came up at {context.dashboard_url!r} instead of {url}; "
                            f"run the study again (the port was taken meanwhile)")
     return True
+
+
+class RayStartError(RuntimeError):
+    """The local Ray did not start (not the user's input: exit status 1)."""
 
 
 def _job_env(dashboard_url: str) -> dict[str, str]:
@@ -217,39 +235,53 @@ def trial_retries(space: SearchSpace) -> int:
 
 
 def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, address: str | None,
-              extra_callbacks: Sequence[Any] = ()) -> int:
-    """Run (or resume) the study; prints progress and the final table. Returns the exit status.
-    ``extra_callbacks``: more Tune callbacks for a new study (benchmarks time trials with one)."""
+              extra_callbacks: Sequence[Any] = (), checked: Preflight | None = None,
+              study_file: dict[str, Any] | None = None, resume_command: str = "") -> int:
+    """Run (or resume) the study; prints progress and the final table. Returns the exit status: 0 when
+    every trial ran to its end, 1 when some failed, 2 when every trial failed on the same deterministic
+    error, 130 when interrupted (Ctrl-C). ``extra_callbacks``: more Tune callbacks for a new study
+    (benchmarks time trials with one). ``checked``: the driver's preflight (run here when None; datasets
+    it left to the cluster are read now). ``study_file``: written as study.json once Ray is up."""
     import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR, Progress, ResultsCsv, TensorBoardHParams, TrialInfo
+    from study.callbacks import (SAME_ERROR_TRIALS, NoRetryOnTrialError, Progress, ResultsCsv, SameErrorStopper,
+                                 TensorBoardHParams, TrialInfo)
+    from study.nodes import check_storage_visible
     from study.searcher import StudySearcher
     from study.trainable import TrialSetup, make_trainable
 
     started = time.time()
+    if checked is None:
+        checked = run_preflight(space, generate=True, unseen="defer" if address else "error")
     started_ray = init_ray(address)
     _forget_previous_session()
     try:
         if started_ray:
             check_local_resources(space)
+        if not storage.remote:  # a folder on a multi-node cluster must be shared by every node
+            check_storage_visible(storage.local)
         where = "started locally" if started_ray else f"at {address}"
         print(f"Ray {where}: {_resource_line(ray.cluster_resources())}", flush=True)
-        if space.base["data.dataset"] == "synthetic" and not space.base["data.root"]:
-            from reid_core.config import Config
-            from reid_core.data import synthetic
-
-            cfg = Config().replace(space.base)
-            print(f"synthetic data: {synthetic.ensure(cfg.data.synthetic)}", flush=True)
+        if checked.deferred:
+            checked = run_preflight(space, generate=True, unseen="remote", done=checked)
+            print("\n".join(checked.lines()), flush=True)
+        if study_file is not None:
+            storage.write_text(STUDY_FILE, json.dumps(study_file, indent=2))
 
         r = space.resources
         env = {k: os.environ[k] for k in ("MOREID_CACHE",) if os.environ.get(k)}
+        # The driver's dataset index goes to the trials through Ray's object store (read once, not per
+        # trial). A synthetic dataset lives in this machine's cache: on a cluster, workers make their own.
+        index = {key: value if isinstance(value, ray.ObjectRef) else ray.put(value)
+                 for key, value in checked.index.items() if started_ray or not key.startswith("synthetic|")}
         setup = TrialSetup(base=space.base, storage=storage.root, study=storage.name, workers=r.workers_per_trial,
                            cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
                            worker_retries=space.retries.workers, eval_epochs=space.scheduler.milestones(),
-                           metric=space.metric, mode=space.mode, fail_hook=fail_hook(), worker_env=env)
+                           metric=space.metric, mode=space.mode, fail_hook=fail_hook(), worker_env=env,
+                           datasets=index)
         trainable = make_trainable(setup)
         if resume:
             print(f"resuming the study in {storage.uri}", flush=True)
@@ -257,9 +289,9 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
         else:
             info = TrialInfo(space.base, space.searched_keys)
             total = space.total_trials()
-            callbacks = [ResultsCsv(storage, storage.name, info), TensorBoardHParams(storage, info),
-                         Progress(info, space.metric, total), CSVLoggerCallback(), JsonLoggerCallback(),
-                         *extra_callbacks]
+            callbacks = [NoRetryOnTrialError(), ResultsCsv(storage, storage.name, info),
+                         TensorBoardHParams(storage, info), Progress(info, space.metric, total), CSVLoggerCallback(),
+                         JsonLoggerCallback(), *extra_callbacks]
             if space.scheduler.type == "asha":
                 scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs,
                                           grace_period=space.scheduler.grace_epochs,
@@ -274,13 +306,25 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
                 run_config=tune.RunConfig(name=storage.name, storage_path=storage.root, callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=trial_retries(space)),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                          stop=SameErrorStopper(min(space.total_trials(), SAME_ERROR_TRIALS)),
                                           verbose=0),
             )
-        grid = tuner.fit()
-        errors = sum(1 for result in grid if result.error is not None)
-        print_summary(space, storage, time.time() - started)
-        write_report(storage)
-        return 1 if errors else 0
+        tuner.fit()
+        outcome = study_outcome(storage, space.total_trials())
+        print_summary(space, storage, time.time() - started, outcome)
+        if outcome.interrupted:
+            write_report(storage, partial=f"partial: {outcome.finished} of {outcome.total} trials finished "
+                                          f"(interrupted); resume with: {resume_command}")
+            print(f"interrupted: {outcome.finished} of {outcome.total} trials finished; resume with: "
+                  f"{resume_command}", file=sys.stderr, flush=True)
+            return 130
+        write_report(storage, partial="" if outcome.complete else
+                     f"partial: {outcome.finished} of {outcome.total} trials ran to their end")
+        if outcome.same_error:
+            print(f"error: every trial failed the same way, the study stopped: {outcome.same_error}",
+                  file=sys.stderr, flush=True)
+            return 2
+        return 0 if outcome.complete else 1
     finally:
         ray.shutdown()  # stops the local Ray this process started; only disconnects from an existing one
 
@@ -298,14 +342,57 @@ def _resource_line(resources: dict[str, float]) -> str:
     return ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
 
 
-def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float) -> None:
+@dataclass
+class Outcome:
+    """How a study's trials ended, from results.csv: ``finished`` ran to their end (TERMINATED or
+    STOPPED by the scheduler), ``errors`` failed; ``same_error``: the message when the study stopped
+    because its first trials all failed on one deterministic error."""
+
+    total: int
+    finished: int = 0
+    errors: int = 0
+    same_error: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return self.finished == self.total
+
+    @property
+    def interrupted(self) -> bool:
+        return self.finished + self.errors < self.total and not self.same_error
+
+
+def study_outcome(storage: StudyStorage, total: int) -> Outcome:
+    import pandas as pd
+
+    from study.callbacks import RESULTS_FILE, SAME_ERROR_TRIALS
+
+    out = Outcome(total)
+    path = storage.path(RESULTS_FILE)
+    if not path.is_file():
+        return out
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    out.finished = int(table["status"].isin(["TERMINATED", "STOPPED"]).sum())
+    failed = table[table["status"] == "ERROR"]
+    out.errors = len(failed)
+    messages = set(failed.get("error", pd.Series(dtype=str)))
+    if (not out.finished and out.errors >= min(total, SAME_ERROR_TRIALS) and len(messages) == 1
+            and "traceback:" not in next(iter(messages))):
+        out.same_error = next(iter(messages))
+    return out
+
+
+def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, outcome: Outcome | None = None) -> None:
     import pandas as pd
 
     from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR
     from study.summary import closing_summary
 
     path = storage.path(RESULTS_FILE)
-    print(f"\nstudy {storage.name} done in {seconds / 60:.1f} min", flush=True)
+    how = "done" if outcome is None or outcome.complete else (
+        f"ended with {outcome.finished} of {outcome.total} trials finished" + (f", {outcome.errors} failed"
+                                                                              if outcome.errors else ""))
+    print(f"\nstudy {storage.name} {how} in {seconds / 60:.1f} min", flush=True)
     if path.is_file():
         table = pd.read_csv(path)
         metric = f"best_{space.metric}"
@@ -313,6 +400,10 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float) -> 
         short = {k: (t if tails.count(t) == 1 else k) for k, t in zip(space.searched_keys, tails)}
         columns = ["trial_id", "status", "epochs", *space.searched_keys, f"final_{space.metric}", metric,
                    "best_R1", "best_mINP", "best_epoch"]
+        if "skipped_images" in table and (pd.to_numeric(table["skipped_images"], errors="coerce") > 0).any():
+            columns.append("skipped_images")
+        if "error" in table and table["error"].notna().any():
+            columns.append("error")
         shown = table[[c for c in columns if c in table.columns]].rename(columns=short)
         shown = shown.sort_values(metric, ascending=space.mode == "min", na_position="last")
         metrics = {c for c in shown.columns if c.startswith(("final_", "best_")) and c != "best_epoch"}
@@ -327,8 +418,9 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float) -> 
         print(f"local copy    : {storage.local}")
 
 
-def write_report(storage: StudyStorage) -> None:
-    """``study.results.write_report`` (results.md and plots) when that module is present."""
+def write_report(storage: StudyStorage, partial: str = "") -> None:
+    """``study.results.write_report`` (results.md and plots) when that module is present. ``partial``:
+    a line that heads results.md when not every trial finished."""
     try:
         from study.results import write_report as report
     except ModuleNotFoundError as exc:
@@ -343,6 +435,8 @@ def write_report(storage: StudyStorage) -> None:
         print(f"results.md NOT written: study.results.write_report({storage.local}) failed (traceback above)",
               file=sys.stderr, flush=True)
         return
+    if partial and Path(path).is_file():
+        Path(path).write_text(f"**{partial}**\n\n{Path(path).read_text()}")
     for name in ("results.md", "plots"):
         if storage.path(name).exists():
             storage.upload(name)
@@ -351,23 +445,126 @@ def write_report(storage: StudyStorage) -> None:
 
 # ---- entry point ----------------------------------------------------------------------------------------
 
-def load_for_run(args: argparse.Namespace) -> tuple[SearchSpace, StudyStorage]:
-    """The space to run and its storage. A resumed study reads the space it was started with from
-    ``study.json`` (so edits to the YAML file in between do not change a running study)."""
+# --set keys a resumed study may change: where the data are and how they are read, never what a trial
+# trains (its finished trials would not be comparable with the rest).
+RESUME_KEYS = ("data.root", "data.workers", "eval.batch_size", "eval.memory_budget_mb")
+STORAGE_WAIT_S = 10.0  # a storage URI that does not answer in this time is reported unreachable
+ADDRESS_WAIT_S = 5.0
+GCS_PROBE = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # an RPC every Ray head's GCS serves (empty request)
+
+
+def check_name(name: str | None) -> None:
+    """A study name is one folder under --storage (a word, like a space's name)."""
+    if name is not None and not _NAME_RE.match(name):
+        raise SpaceError(f"--name {name!r}: must be a word of letters, digits, '-' or '_' (it names the study "
+                         f"folder under --storage)")
+
+
+def check_storage(storage: StudyStorage) -> None:
+    """The storage root must be a folder (or creatable as one) or a URI that answers."""
+    if storage.remote:
+        storage.check_reachable(STORAGE_WAIT_S)
+        return
+    path = Path(storage.root)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise SpaceError(f"--storage {storage.root}: {folder} is a file, not a folder: give a folder "
+                                 f"(created if missing) or a URI such as s3://bucket/studies")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise SpaceError(f"--storage {storage.root}: {folder} is not writable")
+            return
+
+
+def check_address(address: str) -> None:
+    """An explicit ``host:port`` must be a Ray head's GCS that answers: one gRPC call with a deadline
+    (``ray.init`` itself retries an unreachable or wrong address for minutes)."""
+    if address == "auto" or address.startswith("local"):
+        return
+    target = address.split("://")[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SpaceError(f"--address {address!r}: expected auto or host:port (e.g. 10.0.0.1:6379)")
+    import grpc  # a dependency of Ray, much lighter than importing Ray
+
+    channel = grpc.insecure_channel(target)
+    try:
+        channel.unary_unary(GCS_PROBE)(b"", timeout=ADDRESS_WAIT_S)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:  # a Ray head with token authentication: it answered
+            return
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise SpaceError(f"--address {address}: no answer within {ADDRESS_WAIT_S:g} s (unreachable host or a "
+                             f"firewall): check the head node's address") from None
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise SpaceError(f"--address {address}: cannot connect (nothing listens there): is a Ray head running "
+                             f"there? (ray start --head --port {port})") from None
+        raise SpaceError(f"--address {address}: something answers there, but not a Ray head ({code.name}): "
+                         f"give the head's GCS address (ray start --head prints it)") from None
+    finally:
+        channel.close()
+
+
+def run_preflight(space: SearchSpace, *, generate: bool, unseen: str, done: Preflight | None = None,
+                  trials: list | None = None) -> Preflight:
+    """Every trial config of ``space`` (Optuna: the draws that stand for it) checked against its data."""
+    trials = plan(space) if trials is None else trials
+    configs = (space.config_for(params) for params in checked_params(space, trials))
+    return preflight(configs, space.resources.workers_per_trial, generate=generate, unseen=unseen, done=done)
+
+
+def resume_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides a resumed study takes (``--data-root``, ``--set`` of RESUME_KEYS); any other setting
+    is refused by name, since the study keeps the space and settings it started with."""
+    refused = [flag for flag, value in (("--dataset", args.dataset), ("--num-samples", args.num_samples),
+                                        ("--max-concurrent", args.max_concurrent),
+                                        ("--workers-per-trial", args.workers_per_trial),
+                                        ("--gpus-per-worker", args.gpus_per_worker),
+                                        ("--cpus-per-worker", args.cpus_per_worker)) if value is not None]
+    out = []
+    for text in args.set:
+        key = text.partition("=")[0].strip()
+        if key in RESUME_KEYS:
+            out.append(text)
+        else:
+            refused.append(f"--set {key}")
+    if refused:
+        raise SpaceError(f"--resume keeps the settings the study started with: {', '.join(refused)} cannot change "
+                         f"(a resumed study may take --data-root and --set {', --set '.join(RESUME_KEYS[1:])}); "
+                         f"start a new study with another --name, or --restart to replace this one")
+    if args.data_root:
+        root = args.data_root if is_uri(args.data_root) else str(Path(args.data_root).expanduser().resolve())
+        out.append(f"data.root={root}")
+    return out
+
+
+def load_for_run(args: argparse.Namespace) -> tuple[SearchSpace, StudyStorage, dict[str, Any]]:
+    """The space to run, its storage and what study.json records. A resumed study reads the space it
+    was started with from ``study.json`` (edits to the YAML file in between do not change it), with the
+    corrections :func:`resume_overrides` allows applied after its own overrides."""
     if args.resume:
+        corrections = resume_overrides(args)
         name = args.name or _space_name(args.space)
         storage = StudyStorage(args.storage, name)
+        check_storage(storage)
         text = storage.read_text(STUDY_FILE)
         if text is None:
             raise SpaceError(f"nothing to resume: {storage.location(STUDY_FILE)} does not exist "
                              f"(start the study without --resume)")
         saved = json.loads(text)
+        saved["overrides"] = [*saved["overrides"], *corrections]
         space = parse_space(saved["space"], source=saved["source"], overrides=saved["overrides"],
                             resources=saved["resources"])
-        return space, storage
+        for text in corrections:
+            print(f"resume: {text} applied", flush=True)
+        return space, storage, saved
+    raw = yaml.safe_load(resolve_path(args.space).read_text())
     space = load_space(args.space, _overrides(args), _resources(args))
     storage = StudyStorage(args.storage, args.name or space.name)
-    return space, storage
+    check_storage(storage)
+    return space, storage, {"space": raw, "source": space.source, "overrides": _overrides(args),
+                            "resources": _resources(args)}
 
 
 def _space_name(name_or_path: str) -> str:
@@ -375,39 +572,75 @@ def _space_name(name_or_path: str) -> str:
     return raw.get("name") if isinstance(raw, dict) and raw.get("name") else Path(name_or_path).stem
 
 
+def resume_command(args: argparse.Namespace, storage: StudyStorage) -> str:
+    """The exact command that resumes this study."""
+    space = str(Path(args.space).resolve()) if Path(args.space).is_file() else args.space
+    words = [sys.executable, "-m", "study.run", space, "--storage", storage.root, "--name", storage.name, "--resume"]
+    if args.address:
+        words += ["--address", args.address]
+    return shlex.join(words)
+
+
+def replace_unfinished(storage: StudyStorage, restart: bool) -> None:
+    """A study folder already there is replaced when none of its trials finished (a failed start, or
+    every trial failed) or with --restart; else it is an error pointing at --resume."""
+    from study.callbacks import RESULTS_FILE
+
+    if not storage.exists():
+        return
+    finished = 0
+    text = storage.read_text(RESULTS_FILE)
+    if text:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        finished = sum(1 for row in rows if row.get("status") in ("TERMINATED", "STOPPED"))
+    if finished and not restart:
+        raise SpaceError(f"a study already exists in {storage.uri} with {finished} finished trial(s): pass "
+                         f"--resume to carry it on, --restart to replace it, or --name / --storage for a new one")
+    print(f"replacing the study in {storage.uri} ({finished} finished trial(s))", flush=True)
+    storage.remove()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        space, storage = load_for_run(args)
+        if args.resume and args.restart:
+            raise SpaceError("--resume and --restart exclude each other")
+        check_name(args.name)
+        space, storage, record = load_for_run(args)
         check_data(space)
         trials = validate_plan(space)
-    except SpaceError as exc:
+        checked = run_preflight(space, generate=not args.dry_run, trials=trials,
+                                unseen="defer" if args.address else "error")
+    except (SpaceError, PreflightError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_plan(space, trials)
+    print("\n".join(checked.lines()))
     if args.dry_run:
         print(f"dry run: nothing trained; the study would live in {storage.location()}")
         return 0
-    from ray import tune
-
-    exists = tune.Tuner.can_restore(storage.uri)
-    if exists and not args.resume:
-        print(f"error: a study already exists in {storage.uri}: pass --resume to carry it on, or --name / "
-              f"--storage for a new one", file=sys.stderr)
-        return 2
-    if args.resume and not exists:
-        print(f"error: {storage.uri} holds no Tune experiment to resume", file=sys.stderr)
-        return 2
-    if not args.resume:
-        raw = yaml.safe_load(resolve_path(args.space).read_text())
-        storage.write_text(STUDY_FILE, json.dumps(
-            {"space": raw, "source": space.source, "overrides": _overrides(args), "resources": _resources(args)},
-            indent=2))
     try:
-        return run_study(space, storage, resume=args.resume, address=args.address)
-    except SpaceError as exc:
+        if args.address:
+            check_address(args.address)
+        if args.resume:
+            from ray import tune
+
+            if not tune.Tuner.can_restore(storage.uri):
+                raise SpaceError(f"{storage.uri} holds no Tune experiment to resume (no trial ever started): "
+                                 f"start it again without --resume")
+        else:
+            replace_unfinished(storage, args.restart)
+        return run_study(space, storage, resume=args.resume, address=args.address, checked=checked,
+                         study_file=record, resume_command=resume_command(args, storage))
+    except (SpaceError, PreflightError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:
+        print(f"error: --address {args.address}: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except RayStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -490,7 +490,11 @@ def parse_space(raw: Mapping[str, Any], *, source: str = "<space>", overrides: I
     try:
         base_cfg = Config().replace(base_flat)
     except ConfigError as exc:
-        raise fail(f"base: {exc}") from exc
+        # A rule between keys (loss.beta < loss.alpha) is checked against what the trials can draw, not
+        # against the default of a searched key: validate_plan checks every trial's config.
+        base_cfg = _unvalidated(base_flat)
+        if base_cfg is None or not searched:
+            raise fail(f"base: {exc}") from exc
     base = flatten(base_cfg)
     scheduler.max_epochs = base_cfg.train.epochs
     if scheduler.type == "asha":
@@ -575,6 +579,19 @@ def validate_plan(space: SearchSpace, draws: int = 64) -> list[PlannedTrial]:
     """The plan, with every trial's Config validated; for Optuna, ``draws`` random draws per cell stand
     in for its proposals. Raises SpaceError naming the trial values that fail."""
     trials = plan(space)
+    for params in checked_params(space, trials, draws):
+        try:
+            space.config_for(params)
+        except ConfigError as exc:
+            raise SpaceError(f"{space.source}: the trial {_fmt_bundle(params)} is not a valid config: {exc}") from exc
+    if not trials:
+        raise SpaceError(f"{space.source}: the constraints leave no grid cell to run")
+    return trials
+
+
+def checked_params(space: SearchSpace, trials: list[PlannedTrial], draws: int = 64) -> list[dict[str, Any]]:
+    """The trial values that stand for a study in checks: the planned trials of a grid; for Optuna,
+    ``draws`` random draws per cell plus one draw forcing each choice (its proposals are not known yet)."""
     checks: list[dict[str, Any]] = []
     if space.searcher == "optuna":
         rng = np.random.default_rng(space.searcher_seed)
@@ -586,17 +603,22 @@ def validate_plan(space: SearchSpace, draws: int = 64) -> list[PlannedTrial]:
                           for name, value in choices)
     else:
         checks = [t.params for t in trials]
-    for params in checks:
-        try:
-            space.config_for(params)
-        except ConfigError as exc:
-            raise SpaceError(f"{space.source}: the trial {_fmt_bundle(params)} is not a valid config: {exc}") from exc
-    if not trials:
-        raise SpaceError(f"{space.source}: the constraints leave no grid cell to run")
-    return trials
+    return checks
 
 
 # ---- validation helpers ---------------------------------------------------------------------------------
+
+def _unvalidated(flat: Mapping[str, Any]) -> Config | None:
+    """The Config of ``flat`` with values coerced but the rules between keys not checked (None when a
+    value itself is wrong)."""
+    tree = Config().to_dict()
+    try:
+        for key, value in flat.items():
+            set_dotted(tree, key, value)
+        return Config.from_dict(tree)
+    except ConfigError:
+        return None
+
 
 def _parse_param(name: str, spec: Any, known: set[str], fail) -> Param:
     if not isinstance(spec, dict):

@@ -8,6 +8,7 @@ the study folder itself when storage is local, else a staging folder on the driv
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -15,6 +16,10 @@ import pyarrow.fs as pafs
 from reid_core.files import write_atomic
 
 DEFAULT_STORAGE = "studies"
+
+
+class StorageError(ValueError):
+    """A storage root that cannot hold studies; the message names it."""
 
 
 def is_uri(path: str) -> bool:
@@ -36,12 +41,58 @@ class StudyStorage:
             self.root = root.rstrip("/")
             self.uri = f"{self.root}/{name}"
             self.local = cache_root() / "studies" / name
-            self._fs, self._fs_path = pafs.FileSystem.from_uri(self.uri)
+            self._resolved: tuple[pafs.FileSystem, str] | None = None  # resolved on first use (may wait on the network)
         else:
             self.root = str(Path(root).expanduser().resolve())
             self.uri = str(Path(self.root) / name)
             self.local = Path(self.uri)
-            self._fs, self._fs_path = None, None
+            self._resolved = None
+
+    @property
+    def _fs(self) -> pafs.FileSystem:
+        if self._resolved is None:
+            self._resolved = pafs.FileSystem.from_uri(self.uri)
+        return self._resolved[0]
+
+    @property
+    def _fs_path(self) -> str:
+        self._fs  # noqa: B018 (resolves)
+        return self._resolved[1]
+
+    def check_reachable(self, timeout_s: float) -> None:
+        """Raise :class:`StorageError` naming the URI when its filesystem does not answer within
+        ``timeout_s`` seconds or refuses (no network, unknown bucket, missing credentials)."""
+        outcome: list[BaseException | None] = []
+
+        def probe() -> None:
+            try:
+                self._fs.get_file_info(self._fs_path)
+                outcome.append(None)
+            except BaseException as exc:  # reported below, in the caller's thread
+                outcome.append(exc)
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if not outcome:
+            raise StorageError(f"--storage {self.root}: no answer within {timeout_s:g} s (no network?)")
+        if outcome[0] is not None:
+            lines = [line for line in str(outcome[0]).splitlines() if line.strip()] or [type(outcome[0]).__name__]
+            raise StorageError(f"--storage {self.root}: cannot reach it: {lines[0].strip()}")
+
+    def exists(self) -> bool:
+        """Whether the study folder exists (locally, or at the URI)."""
+        if not self.remote:
+            return self.local.exists()
+        return self._fs.get_file_info(self._fs_path).type != pafs.FileType.NotFound
+
+    def remove(self) -> None:
+        """Delete the study folder (and the driver's local copy of a remote one)."""
+        import shutil
+
+        if self.remote:
+            self._fs.delete_dir(self._fs_path)
+        shutil.rmtree(self.local, ignore_errors=True)
 
     def path(self, relative: str) -> Path:
         """Local path of a driver output."""

@@ -22,7 +22,8 @@ from typing import Any
 
 from ray import tune
 
-from reid_core.config import config_keys
+from reid_core.config import ConfigError, config_keys
+from study.preflight import PreflightError, dataset_key, error_result, read_trial_error
 from study.space import trial_config
 
 TRAIN_RUN_NAME = "train"
@@ -48,6 +49,9 @@ class TrialSetup:
     mode: str = "max"
     fail_hook: dict[str, Any] | None = None  # tests: {"epoch": N, "marker": path}
     worker_env: dict[str, str] = field(default_factory=dict)
+    # The driver's dataset index per study.preflight.dataset_key (Ray object references): trials train
+    # from it instead of reading the dataset again.
+    datasets: dict[str, Any] = field(default_factory=dict)
 
     @property
     def in_process(self) -> bool:
@@ -61,22 +65,31 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k in keys}
 
 
-def loop_config(config: dict[str, Any], setup: TrialSetup) -> dict[str, Any]:
-    """What the training loop of a trial needs (see :func:`study.worker.run_loop`)."""
-    cfg = trial_config(setup.base, trial_params(config))
-    return {"config": cfg.to_dict(), "eval_epochs": setup.eval_epochs, "metric": setup.metric, "mode": setup.mode,
-            "fail_hook": setup.fail_hook}
-
-
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """Tune function trainable: train the trial to the end (or until Tune stops it)."""
+    """Tune function trainable: train the trial to the end (or until Tune stops it), in this process or in
+    a TorchTrainer. A deterministic error (config or data) is reported once and raised, and not retried
+    (see :mod:`study.preflight`)."""
+    try:
+        cfg = trial_config(setup.base, trial_params(config))
+    except ConfigError as exc:
+        tune.report(error_result(exc, setup.metric))
+        raise
+    trial_dir = PurePosixPath(tune.get_context().get_trial_dir()).name
+    trial_folder = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
+    loop = {"config": cfg.to_dict(), "eval_epochs": setup.eval_epochs, "metric": setup.metric, "mode": setup.mode,
+            "fail_hook": setup.fail_hook, "dataset": setup.datasets.get(dataset_key(cfg)),
+            "trial_folder": trial_folder}  # what study.worker.run_loop needs
+    read_trial_error(trial_folder, remove=True)  # one left by an earlier attempt (a resumed study reruns errors)
     if setup.in_process:
         from study.worker import run_in_trial
 
         os.environ.update(setup.worker_env)  # what Train would have put in its workers' environment
-        run_in_trial(loop_config(config, setup))
-        return
-    _fit_torch_trainer(loop_config(config, setup), setup)
+        run_in_trial(loop)
+    else:
+        _fit_torch_trainer(loop, setup)
+    message = read_trial_error(trial_folder)
+    if message:  # the loop stopped on a deterministic error (already reported to Tune)
+        raise PreflightError(message)
 
 
 def _fit_torch_trainer(loop: dict[str, Any], setup: TrialSetup) -> None:
@@ -84,8 +97,6 @@ def _fit_torch_trainer(loop: dict[str, Any], setup: TrialSetup) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_dir = PurePosixPath(tune.get_context().get_trial_dir()).name
-    storage = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker}
     if use_gpu:
@@ -97,7 +108,7 @@ def _fit_torch_trainer(loop: dict[str, Any], setup: TrialSetup) -> None:
         scaling_config=ScalingConfig(num_workers=setup.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=TRAIN_RUN_NAME,
-            storage_path=storage,
+            storage_path=loop["trial_folder"],
             failure_config=FailureConfig(max_failures=setup.worker_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],

@@ -16,8 +16,14 @@ result. Every result holds the last evaluation (``mAP``, ``R1``, ``R5``, ``R10``
 ``mAP_rerank`` ... ``mINP_rerank`` with ``eval.rerank``;
 NaN before the first one, with ``eval_epoch`` = 0), the best one so far (``best_*``, ``best_epoch``,
 ``best_cmc``: CMC at ranks 1..20), ``start_epoch`` (the epoch this worker group resumed from),
-``world_size``, ``ddp_backend`` (``gloo`` / ``nccl`` / ``none``), ``epoch_s`` (seconds of training and
+``world_size``, ``ddp_backend`` (``gloo`` / ``nccl`` / ``none``), ``rank_nodes`` (the Ray node id of every
+rank, in rank order, joined by ``,``: where the trial runs, which changes when a lost node's trial is
+retried), ``skipped_images`` (unreadable images skipped so far), ``epoch_s`` (seconds of training and
 evaluation of this epoch) and the trial's set-up times, in seconds (see :data:`TIMING_KEYS`).
+
+A config or data error (:func:`study.preflight.is_deterministic`) fails the same way on every attempt: the
+loop reports it once (``trial_error``), rank 0 writes ``trial_error.txt`` in the trial folder, and the loop
+returns, so that neither Train nor Tune retries; the trainable then raises it (see :mod:`study.trainable`).
 
 A checkpoint folder holds the Trainer's ``checkpoint.pt`` and ``study_state.json`` (last and best
 evaluation), so a restarted trial or worker group carries on where it stopped.
@@ -33,7 +39,10 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import ray
+
 from reid_core.config import Config
+from study.preflight import TRIAL_ERROR_KEY, error_result, is_deterministic, write_trial_error
 
 EVAL_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
 CMC_RANKS = 20
@@ -156,6 +165,18 @@ def checkpoint_due(trainer: Any, cfg: Config) -> bool:
     return cfg.train.checkpoint_period <= cfg.train.epochs and trainer.checkpoint_due()
 
 
+def rank_nodes() -> str:
+    """The Ray node id of every rank, in rank order, joined by ``,`` (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return node
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return ",".join(nodes)
+
+
 def run_in_trial(loop_config: dict[str, Any]) -> None:
     """The one-worker path: the loop in the Tune trial's own process."""
     run_loop(loop_config, TuneSession(), entered_at=time.time())
@@ -168,7 +189,23 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def run_loop(loop_config: dict[str, Any], session: Session, entered_at: float) -> None:
     """Train one trial to its budget. ``loop_config``: ``config`` (Config as a nested dict),
-    ``eval_epochs`` (extra epochs to evaluate: ASHA rungs), ``metric``, ``mode``, ``fail_hook`` (tests)."""
+    ``eval_epochs`` (extra epochs to evaluate: ASHA rungs), ``metric``, ``mode``, ``fail_hook`` (tests),
+    ``dataset`` (the driver's dataset index as an object reference, or None), ``trial_folder`` (the Tune
+    trial's folder, where a deterministic error is written)."""
+    try:
+        _train(loop_config, session, entered_at)
+    except Exception as exc:
+        if not is_deterministic(exc):
+            raise  # a crash: retried from the last checkpoint (by Train, or by Tune on the one-worker path)
+        # The same input fails the same way on every attempt: report it instead of raising, so that
+        # neither Train nor Tune retries (the trainable raises it once the loop returned).
+        result = error_result(exc, loop_config.get("metric", "mAP"))
+        if session.rank == 0 and loop_config.get("trial_folder"):
+            write_trial_error(loop_config["trial_folder"], result[TRIAL_ERROR_KEY])
+        session.report(result, None)
+
+
+def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> None:
     began = time.perf_counter()
     import torch.distributed as dist
 
@@ -180,13 +217,15 @@ def run_loop(loop_config: dict[str, Any], session: Session, entered_at: float) -
     cfg = cfg.replace({"train.output_dir": str(scratch)})
     device = None
     if cfg.train.device != "cpu" and isinstance(session, TrainSession):
-        import ray.train.torch
+        from ray.train.torch import get_device
 
-        device = ray.train.torch.get_device()  # the GPU Train assigned to this worker
+        device = get_device()  # the GPU Train assigned to this worker
     eval_epochs = {int(e) for e in loop_config.get("eval_epochs", [])}
     metric, mode = loop_config.get("metric", "mAP"), loop_config.get("mode", "max")
 
-    trainer = Trainer(cfg, log_dir=scratch / "tensorboard", device=device)
+    index = loop_config.get("dataset")  # the driver's dataset index (an object reference), if handed over
+    trainer = Trainer(cfg, log_dir=scratch / "tensorboard", device=device,
+                      dataset=ray.get(index) if index is not None else None)
     built = time.perf_counter()
     state = empty_state()
     checkpoint = session.checkpoint()
@@ -199,8 +238,8 @@ def run_loop(loop_config: dict[str, Any], session: Session, entered_at: float) -
     start_epoch = trainer.epoch
     world = {"world_size": session.world_size,
              "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none",
-             "entered_at": entered_at, "import_s": imported - began, "build_s": built - imported,
-             "restore_s": time.perf_counter() - built}
+             "rank_nodes": rank_nodes(), "entered_at": entered_at, "import_s": imported - began,
+             "build_s": built - imported, "restore_s": time.perf_counter() - built}
     checkpoint_s = report_s = 0.0
     try:
         if start_epoch >= cfg.train.epochs:
@@ -218,6 +257,7 @@ def run_loop(loop_config: dict[str, Any], session: Session, entered_at: float) -
                 eval_s = time.perf_counter() - eval_began
             result = result_of(train_metrics, state, start_epoch, world)
             result["epoch_s"] = time.perf_counter() - epoch_began  # training + evaluation, without Ray's overheads
+            result["skipped_images"] = trainer.skipped_images()
             result["eval_s"] = eval_s
             result["checkpoint_s"], result["report_s"] = checkpoint_s, report_s
             saving = time.perf_counter()

@@ -293,7 +293,8 @@ def test_markdown_csv_and_latex(tmp_path):
 
 # ---- results.md and plots -------------------------------------------------------------------------------
 
-def _sweep_rows() -> list[dict]:
+def _sweep_rows(data: dict | None = None) -> list[dict]:
+    """Trials of every plotted sweep, on ``data`` (default: the synthetic dataset)."""
     rows = []
     for m in (0.995, 0.997, 0.999):
         for include in (True, False):
@@ -308,15 +309,17 @@ def _sweep_rows() -> list[dict]:
     for size in (256, 1024, 4096):
         rows.append(trial(f"d{size}", 50.0 + size / 1024, {"loss.name": "triplet", "framework.dict_size": size}))
     rows.append(trial("err", None, {"loss.name": "he"}, status="ERROR"))
+    for row in rows:
+        row.update(data or {})
     return rows
 
 
 def test_write_report_writes_every_table_and_valid_pngs(tmp_path):
-    study = write_study(tmp_path / "study", _sweep_rows())
+    study = write_study(tmp_path / "study", _sweep_rows(VERI))
     out = write_report(study)
     assert out == study / "results.md"
     text = out.read_text()
-    assert "- Study `s`" in text and "1 ERROR" in text and "Datasets: synthetic" in text
+    assert "- Study `s`" in text and "1 ERROR" in text and "Datasets: VeRi-776" in text
     for title in ("Past positives (supplementary C)", "N-pair loss: mAP against k", "Ranked List loss",
                   "MoReID: mAP against dictionary size", "Loss x framework"):
         assert title in text
@@ -327,6 +330,11 @@ def test_write_report_writes_every_table_and_valid_pngs(tmp_path):
         data = path.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
         assert f"](plots/{path.name})" in text
+    # The same trials on synthetic data (the demo) stay out of the paper's ablation plots.
+    demo = write_study(tmp_path / "demo", _sweep_rows())
+    text = write_report(demo).read_text()
+    assert "Datasets: synthetic" in text and "Past positives (supplementary C)" in text
+    assert {p.stem for p in (demo / "plots").glob("*.png")} == {"cmc"}
 
 
 def test_write_report_with_no_counted_trial_still_writes(tmp_path):
@@ -395,7 +403,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_happy_path(tmp_path):
-    study = write_study(tmp_path / "study", _sweep_rows())
+    study = write_study(tmp_path / "study", _sweep_rows(VERI))
     out = tmp_path / "c.csv"
     done = _cli(str(study), "--table", "past_positives", "--format", "csv", "--out", str(out),
                 "--plots", str(tmp_path / "plots"))

@@ -1,28 +1,31 @@
 """Re-ID data: dataset readers, the synthetic generator, the P x K sampler, transforms and loaders.
 
-See docs/architecture.md (Data contract).
+See docs/architecture.md (Data contract). Names are imported on first use (PEP 562), so that reading a
+dataset's layout (``reid_core.data.datasets``) does not import torch: the study driver checks datasets
+in a second, before anything heavy is loaded.
 """
-from reid_core.data.datasets import (
-    DATASET_NAMES,
-    DatasetError,
-    ReIDDataset,
-    Sample,
-    build_dataset,
-    load_dataset,
-)
-from reid_core.data.loader import (
-    CorruptImageWarning,
-    ReIDLoader,
-    build_test_loader,
-    build_train_loader,
-    dataset_num_classes,
-    read_image,
-)
-from reid_core.data.sampler import PKSampler
-from reid_core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform, build_train_transform
+from __future__ import annotations
 
-__all__ = [
-    "DATASET_NAMES", "DatasetError", "ReIDDataset", "Sample", "build_dataset", "load_dataset",
-    "CorruptImageWarning", "ReIDLoader", "build_test_loader", "build_train_loader", "dataset_num_classes",
-    "read_image", "PKSampler", "IMAGENET_MEAN", "IMAGENET_STD", "build_test_transform", "build_train_transform",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "reid_core.data.datasets": ("DATASET_NAMES", "DatasetError", "ReIDDataset", "Sample", "build_dataset",
+                                "load_dataset"),
+    "reid_core.data.loader": ("CorruptImageWarning", "ReIDLoader", "build_test_loader", "build_train_loader",
+                              "dataset_num_classes", "read_image"),
+    "reid_core.data.sampler": ("PKSampler",),
+    "reid_core.data.transforms": ("IMAGENET_MEAN", "IMAGENET_STD", "build_test_transform", "build_train_transform"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reid_core.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -39,7 +39,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from reid_core.config import Config, ConfigError
-from reid_core.data import build_test_loader, build_train_loader, dataset_num_classes, load_dataset
+from reid_core.data import (DatasetError, ReIDDataset, build_test_loader, build_train_loader, dataset_num_classes,
+                            load_dataset)
 from reid_core.engine import checkpoint as ckpt
 from reid_core.engine.optim import (backbone_parameters, build_optimizer, build_scheduler, drop_grads,
                                     trainable_parameters)
@@ -132,7 +133,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, *, log_dir: str | os.PathLike | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, dataset: ReIDDataset | None = None) -> None:
         self.cfg = cfg.validate()
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -145,7 +146,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
         ckpt.seed_all(cfg.train.seed)  # same on every rank: identical initial weights
-        self.dataset = load_dataset(cfg.data)  # synthetic data are generated into the cache when root is empty
+        # ``dataset``: an index already read (a study's driver hands one to every trial); else it is read
+        # here (synthetic data are generated into the cache when root is empty).
+        self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
         self.num_classes = dataset_num_classes(self.dataset)
         self.train_loader = build_train_loader(self.dataset, cfg.data, rank=self.rank,
                                                world_size=self.world_size, seed=cfg.train.seed)
@@ -191,7 +194,18 @@ class Trainer:
         while True:
             _set_sampler_epoch(self.train_loader, self.sampler_pass)
             self.sampler_pass += 1
-            yield from self.train_loader
+            yielded = 0
+            for batch in self.train_loader:
+                yielded += 1
+                yield batch
+            if not yielded:  # every image of a whole pass was unreadable: no step could ever be taken
+                raise DatasetError(f"{self.cfg.data.dataset}: every training image read in a pass over "
+                                   f"{len(self.train_loader)} batches was unreadable (first: "
+                                   f"{self.train_loader.first_bad}); check the JPEG files under {self.dataset.root}")
+
+    def skipped_images(self) -> int:
+        """Unreadable images skipped so far on this rank (training, query and gallery loaders)."""
+        return sum(loader.skipped for loader in (self.train_loader, self.query_loader, self.gallery_loader))
 
     def train_epoch(self) -> dict[str, float]:
         """Train ``iters_per_epoch`` steps; returns epoch means of :data:`TRAIN_METRICS` (averaged

@@ -25,6 +25,7 @@ from study.results.tables import DATASET_LABELS, Table
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 PLOTTED = ("past_positives", "ranked_list", "npair_k", "dictionary_size")
+SYNTHETIC = "synthetic"
 CMC_CURVES = 6  # configurations drawn in the CMC plot, best first
 
 
@@ -37,7 +38,9 @@ def write_plots(tables: Sequence[Table], frame: pd.DataFrame, out_dir: str | Pat
                "npair_k": plot_npair_k, "dictionary_size": plot_dictionary_size}
     written: list[Path] = []
     for table in tables:
-        if table.name not in drawers or not table.has_trials:
+        # The ablation plots draw our numbers beside the paper's: trials on synthetic data (the demo) are
+        # not comparable and stay in results.md's tables only.
+        if table.name not in drawers or not table.has_trials or table.dataset == SYNTHETIC:
             continue
         several = sum(t.name == table.name for t in tables) > 1
         stem = f"{table.name}_{table.dataset}" if several and table.dataset else table.name
