@@ -15,7 +15,7 @@ import sys
 import time
 from datetime import date
 
-TOPICS = ("losses", "step", "evaluation", "rerank", "data", "study", "preflight")
+TOPICS = ("losses", "step", "evaluation", "rerank", "data", "study", "scale", "preflight")
 
 # name of the headline figure -> (comparison, target). Ratios are "cost over the floor" (lower is better)
 # or "speedup over the reference" (higher is better).
@@ -27,6 +27,10 @@ TARGETS = {
     "eval_veriwild_2000_peak_gib": ("<=", 3.0),
     "rerank_market_speedup": (">=", 1.0),
     "rerank_veriwild_large_peak_gib": ("<=", 8.0),
+    "trial_overhead_s": ("<=", 3.0),
+    "callback_ms_per_result_100": ("<=", 50.0),
+    "quickstart_train_share": (">=", 0.70),
+    "quickstart_wall_min": ("<=", 5.0),
 }
 
 

@@ -13,8 +13,10 @@ import csv
 import io
 import json
 import math
+import sys
+import threading
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TextIO
 
 from ray.tune import Callback, Stopper
 from ray.tune.experiment import Trial
@@ -34,6 +36,11 @@ RESULTS_FILE = "results.csv"
 TENSORBOARD_DIR = "tensorboard"
 # Keys always shown as hyperparameters in TensorBoard besides the searched ones.
 HPARAM_KEYS = ("data.dataset", "loss.name", "framework.name", "train.seed")
+# results.csv is rewritten for epoch results at most this often (seconds); trial starts and ends at once.
+CSV_WRITE_PERIOD_S = 2.0
+# TensorBoard event files of running trials reach the disk at most this many seconds late (the writer's
+# background thread flushes them), at once when a trial ends; a remote study URI gets copies as often.
+TB_FLUSH_PERIOD_S = 10.0
 # Result keys that are Tune / Train bookkeeping, not metrics.
 _NOT_METRICS = {"epoch", "eval_epoch", "best_epoch", "start_epoch", "world_size", "training_iteration", "timestamp",
                 "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore",
@@ -152,8 +159,19 @@ def session_end_summary(success: bool) -> Any:
     return summary
 
 
+def _add_summary(writer: Any, summary: Any, step: int = 0) -> None:
+    """Queue a Summary protobuf as one event of ``writer`` (an ``EventFileWriter``)."""
+    from tensorboard.compat.proto import event_pb2
+
+    writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+
 class ResultsCsv(Callback):
-    """Keeps one row per trial and rewrites ``results.csv`` atomically whenever a trial reports."""
+    """Keeps one row per trial and rewrites ``results.csv`` atomically (temporary file, fsync, rename: tens
+    of ms on a busy disk). A trial's start, end or failure rewrites it at once; epoch results at most every
+    :data:`CSV_WRITE_PERIOD_S` seconds, in a background thread, so that a result costs the driver well under
+    a millisecond whatever the number of trials (the file lags the latest results by a few seconds). Writes
+    carry a version number, and an older text never replaces a newer one."""
 
     def __init__(self, storage: StudyStorage, study: str, info: TrialInfo) -> None:
         self.storage = storage
@@ -161,6 +179,22 @@ class ResultsCsv(Callback):
         self.info = info
         self.rows: dict[str, dict[str, str]] = {}
         self.order: list[str] = []
+        self._columns: dict[str, None] = {}  # config columns in first-seen order
+        self._dirty = False
+        self._written_at = -math.inf
+        self._version = 0  # of the rows; the file holds _stored
+        self._stored = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_lock"], state["_thread"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # ---- state across driver restarts (Tune checkpoints it with the experiment) ----
     def get_state(self) -> dict | None:
@@ -168,6 +202,12 @@ class ResultsCsv(Callback):
 
     def set_state(self, state: dict) -> None:
         self.rows, self.order = dict(state["rows"]), list(state["order"])
+        self._index_columns()
+
+    def _index_columns(self) -> None:
+        self._columns = {}
+        for trial_id in self.order:
+            self._columns.update(dict.fromkeys(k for k in self.rows[trial_id] if k not in FIXED_COLUMNS))
 
     def setup(self, **info: Any) -> None:
         if not self.rows:  # a resumed study without callback state: take the rows already written
@@ -176,19 +216,23 @@ class ResultsCsv(Callback):
                 for row in csv.DictReader(io.StringIO(text)):
                     self.rows[row["trial_id"]] = dict(row)
                     self.order.append(row["trial_id"])
+            self._index_columns()
 
     # ---- events ----
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._update(trial, "RUNNING", trial.last_result or {})
+        self.write()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
         if result.get(TRIAL_ERROR_KEY):  # its failure follows (unless the study stops it first): ERROR now
             self._update(trial, "ERROR", result, error=str(result[TRIAL_ERROR_KEY]))
             return
         self._update(trial, "RUNNING", result)
+        self._maybe_write()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._update(trial, "RUNNING", trial.last_result or {})
+        self.write()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         result = trial.last_result or {}
@@ -197,9 +241,20 @@ class ResultsCsv(Callback):
             return
         epochs = int(result.get("epoch", 0) or 0)
         self._update(trial, "TERMINATED" if epochs >= self.info.epochs(trial) else "STOPPED", result)
+        self.write()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._update(trial, "ERROR", trial.last_result or {}, error=failure_reason(trial))
+        self.write()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._maybe_write()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._dirty or self._stored < self._version:
+            self.write()
 
     def _update(self, trial: Trial, status: str, result: Mapping[str, Any], error: str = "") -> None:
         row = self.rows.get(trial.trial_id, {})
@@ -207,8 +262,30 @@ class ResultsCsv(Callback):
         row["error"] = error
         if trial.trial_id not in self.rows:
             self.order.append(trial.trial_id)
+        for key in row:  # a trial's first result may bring columns its start had not (eval.rerank metrics)
+            if key not in self._columns and key not in FIXED_COLUMNS:
+                self._columns[key] = None
         self.rows[trial.trial_id] = row
-        self.write()
+        self._dirty = True
+        self._version += 1
+
+    def _maybe_write(self) -> None:
+        """Rewrite the file in the background when results arrived and the last rewrite is
+        :data:`CSV_WRITE_PERIOD_S` old (and the previous background write is done)."""
+        if not self._dirty or time.monotonic() - self._written_at < CSV_WRITE_PERIOD_S:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return
+        text, version = self.text(), self._version
+        self._dirty, self._written_at = False, time.monotonic()
+        self._thread = threading.Thread(target=self._store, args=(text, version), name="results.csv", daemon=True)
+        self._thread.start()
+
+    def _store(self, text: str, version: int) -> None:
+        with self._lock:
+            if version > self._stored:
+                self.storage.write_text(RESULTS_FILE, text)
+                self._stored = version
 
     def row(self, trial: Trial, status: str, result: Mapping[str, Any]) -> dict[str, str]:
         evaluated = int(result.get("eval_epoch", 0) or 0) > 0
@@ -228,20 +305,25 @@ class ResultsCsv(Callback):
         return row
 
     def columns(self) -> list[str]:
-        config_columns: list[str] = []
-        for trial_id in self.order:
-            config_columns.extend(k for k in self.rows[trial_id] if k not in FIXED_COLUMNS)
-        extra = list(dict.fromkeys(config_columns))
+        extra = list(self._columns)
         reranked = [k for k in extra if k.endswith("_rerank")]  # eval.rerank metrics: beside the plain ones
         return [*FIXED_COLUMNS, *reranked, *(k for k in extra if not k.endswith("_rerank"))]
 
-    def write(self) -> None:
+    def text(self) -> str:
+        """The whole CSV text of the rows."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns(), restval="", lineterminator="\n")
         writer.writeheader()
         for trial_id in self.order:
             writer.writerow(self.rows[trial_id])
-        self.storage.write_text(RESULTS_FILE, buffer.getvalue())
+        return buffer.getvalue()
+
+    def write(self) -> None:
+        """Rewrite ``results.csv`` now, atomically (a temporary file renamed into place)."""
+        self._version += 1  # newer than anything a background write holds
+        text, version = self.text(), self._version
+        self._dirty, self._written_at = False, time.monotonic()
+        self._store(text, version)
 
 
 class TensorBoardHParams(Callback):
@@ -253,21 +335,26 @@ class TensorBoardHParams(Callback):
         self.storage = storage
         self.info = info
         self._writers: dict[str, Any] = {}
+        self._flushed: dict[str, float] = {}
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_writers"] = {}
+        state["_flushed"] = {}
         return state
 
     def _writer(self, trial: Trial) -> Any:
+        """The trial's event file writer (TensorBoard's own: it queues events for a background thread, so
+        adding one costs microseconds; torch's SummaryWriter would cost about 1 ms per scalar)."""
         writer = self._writers.get(trial.trial_id)
         if writer is None:
             from tensorboard.plugins.hparams import summary_v2
-            from torch.utils.tensorboard import SummaryWriter
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            writer = SummaryWriter(str(self.storage.path(f"{TENSORBOARD_DIR}/{trial.trial_id}")))
-            writer.file_writer.add_summary(
-                summary_v2.hparams_pb(self.info.hparams(trial), trial_id=trial.trial_id, start_time_secs=time.time()))
+            writer = EventFileWriter(str(self.storage.path(f"{TENSORBOARD_DIR}/{trial.trial_id}")),
+                                     flush_secs=TB_FLUSH_PERIOD_S)
+            _add_summary(writer, summary_v2.hparams_pb(self.info.hparams(trial), trial_id=trial.trial_id,
+                                                       start_time_secs=time.time()))
             self._writers[trial.trial_id] = writer
         return writer
 
@@ -276,31 +363,42 @@ class TensorBoardHParams(Callback):
         self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
+        """All of an epoch's scalars go in one event (one summary with a value per tag)."""
+        from tensorboard.compat.proto import summary_pb2
+
         writer = self._writer(trial)
         epoch = int(result.get("epoch", 0) or 0)
         evaluated_now = int(result.get("eval_epoch", 0) or 0) == epoch and epoch > 0
+        values: list[tuple[str, float]] = []
         for key, value in result.items():
             number = _number(value)
             if number is None or key in _NOT_METRICS or key.startswith(("config", "time_", "best_")):
                 continue
             if key in EVAL_KEYS or key.removesuffix("_rerank") in EVAL_KEYS:
                 if evaluated_now:
-                    writer.add_scalar(f"eval/{key}", number, epoch)
+                    values.append((f"eval/{key}", number))
                 continue
-            writer.add_scalar(key, number, epoch)
+            values.append((key, number))
         if evaluated_now:
             for key in EVAL_KEYS:
                 number = _number(result.get(f"best_{key}"))
                 if number is not None:
-                    writer.add_scalar(f"best/{key}", number, epoch)
-        writer.flush()
-        self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
+                    values.append((f"best/{key}", number))
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=number)
+                                             for tag, number in values])
+        _add_summary(writer, summary, step=epoch)
+        now = time.monotonic()
+        if self.storage.remote and now - self._flushed.get(trial.trial_id, -math.inf) >= TB_FLUSH_PERIOD_S:
+            writer.flush()  # a remote copy needs the events on disk first
+            self._flushed[trial.trial_id] = now
+            self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
 
     def _end(self, trial: Trial, success: bool) -> None:
         writer = self._writer(trial)
-        writer.file_writer.add_summary(session_end_summary(success))
+        _add_summary(writer, session_end_summary(success))
         writer.close()
         del self._writers[trial.trial_id]
+        self._flushed.pop(trial.trial_id, None)
         self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
@@ -316,75 +414,153 @@ class TensorBoardHParams(Callback):
 
 
 class Progress(Callback):
-    """One line per event a person can follow: trial start (with its values), each epoch (loss, mAP),
-    early stops, retries and errors, and a count of trials by state."""
+    """The study's console: one line when a trial starts, per evaluation, when it ends and when it fails or
+    is retried (then with its error: a config or data error's message, else the exception's last line and
+    where its traceback is), and a study-wide bar
+    (trials done, running, elapsed, ETA). On a terminal the bar is the last line, redrawn in place; in a
+    log file it closes every trial's start and end line instead.
 
-    def __init__(self, info: TrialInfo, metric: str, total: int) -> None:
+    ETA: the time since the first trial started, scaled by the work left (finished trials count whole,
+    running ones by the fraction of their epochs done)."""
+
+    BAR_WIDTH = 24
+
+    def __init__(self, info: TrialInfo, metric: str, total: int, stream: TextIO | None = None) -> None:
         self.info = info
         self.metric = metric
         self.total = total
+        self.stream = stream
         self.start = time.time()
-        self.checkpointed: set[str] = set()  # trials with a Train checkpoint to retry from
+        self.first_trial_at: float | None = None
+        self.epochs_done: dict[str, int] = {}  # running trials
+        self.finished = 0
+        self._bar_drawn = False
+        self.checkpointed: set[str] = set()  # trials with a checkpoint to retry from
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["stream"] = None
+        return state
 
     def setup(self, **info: Any) -> None:
         self.start = time.time()
 
-    def _say(self, text: str) -> None:
-        elapsed = time.time() - self.start
-        print(f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {text}", flush=True)
+    # ---- output ----
+    def _out(self) -> TextIO:
+        return self.stream or sys.stdout
 
-    def _counts(self, trials: list) -> str:
-        by: dict[str, int] = {}
+    def _tty(self) -> bool:
+        return bool(getattr(self._out(), "isatty", lambda: False)())
+
+    def _clock(self, seconds: float) -> str:
+        seconds = max(0, int(seconds))
+        return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+            f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+    def bar(self, trials: list) -> str:
+        """``[#####.....] 3/8 done, 2 running, 00:41 elapsed, ETA 01:05``."""
+        running = sum(1 for t in trials if t.status == Trial.RUNNING)
+        done = sum(1 for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR))
+        partial = sum(min(1.0, e / max(1, self._budget(tid, trials))) for tid, e in self.epochs_done.items())
+        fraction = min(1.0, (done + partial) / max(1, self.total))
+        filled = int(round(fraction * self.BAR_WIDTH))
+        text = f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {done}/{self.total} done, {running} running"
+        if self.first_trial_at is not None:
+            elapsed = time.time() - self.first_trial_at
+            text += f", {self._clock(elapsed)} elapsed"
+            if 0 < fraction < 1:
+                text += f", ETA {self._clock(elapsed * (1 - fraction) / fraction)}"
+        return text
+
+    def _budget(self, trial_id: str, trials: list) -> int:
         for t in trials:
-            by[t.status] = by.get(t.status, 0) + 1
-        parts = [f"{n} {s.lower()}" for s, n in sorted(by.items())]
-        return f"trials: {', '.join(parts)} (of {self.total})"
+            if t.trial_id == trial_id:
+                return self.info.epochs(t)
+        return 1
+
+    def _say(self, text: str, trials: list | None = None, *, bar_inline: bool = False) -> None:
+        """Print one line (with the bar after it: redrawn on a terminal, appended when ``bar_inline``)."""
+        out = self._out()
+        elapsed = time.time() - self.start
+        line = f"[{self._clock(elapsed)}] {text}"
+        if self._tty():
+            out.write("\r\x1b[K" + line + "\n")
+            if trials is not None:
+                out.write(self.bar(trials))
+                self._bar_drawn = True
+        else:
+            if bar_inline and trials is not None:
+                line += f"  | {self.bar(trials)}"
+            out.write(line + "\n")
+        out.flush()
+
+    def _redraw(self, trials: list) -> None:
+        if self._tty():
+            self._out().write("\r\x1b[K" + self.bar(trials))
+            self._out().flush()
+            self._bar_drawn = True
 
     def _values(self, trial: Trial) -> str:
         flat = self.info.flat(trial)
         return " ".join(f"{k}={_config_cell(flat[k])}" for k in self.info.searched) or "(base config)"
 
+    # ---- events ----
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._say(f"{trial.trial_id} started: {self._values(trial)}  | {self._counts(trials)}")
+        if self.first_trial_at is None:
+            self.first_trial_at = time.time()
+        self.epochs_done.setdefault(trial.trial_id, 0)
+        self._say(f"{trial.trial_id} started: {self._values(trial)}", trials, bar_inline=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
-        if result.get(CHECKPOINT_PATH_KEY):  # a Train checkpoint, the one a retry starts from
+        if result.get(CHECKPOINT_PATH_KEY) or trial.checkpoint:  # a checkpoint, the one a retry starts from
             self.checkpointed.add(trial.trial_id)
+        if result.get(TRIAL_ERROR_KEY):
+            self._say(f"{trial.trial_id} failed (not retried: a config or data error): {result[TRIAL_ERROR_KEY]}",
+                      trials)
+            return
         epoch = int(result.get("epoch", 0) or 0)
-        loss = _number(result.get("loss/total"))
+        self.epochs_done[trial.trial_id] = epoch
+        value = _number(result.get(self.metric))
+        if value is None or int(result.get("eval_epoch", 0) or 0) != epoch or epoch == 0:
+            self._redraw(trials)  # one line per evaluation; other epochs only move the bar
+            return
         line = f"{trial.trial_id} epoch {epoch}/{self.info.epochs(trial)}"
+        loss = _number(result.get("loss/total"))
         if loss is not None:
             line += f"  loss {loss:.3f}"
-        value = _number(result.get(self.metric))
-        if value is not None and int(result.get("eval_epoch", 0) or 0) > 0:
-            line += f"  {self.metric} {value:.2f}"
-            best = _number(result.get(f"best_{self.metric}"))
-            if best is not None:
-                line += f" (best {best:.2f} @ {int(result.get('best_epoch', 0))})"
-        seconds = _number(result.get("time_this_iter_s"))
+        line += f"  {self.metric} {value:.2f}"
+        best = _number(result.get(f"best_{self.metric}"))
+        if best is not None:
+            line += f" (best {best:.2f} @ {int(result.get('best_epoch', 0))})"
+        seconds = _number(result.get("epoch_s"))
         if seconds is not None:
             line += f"  {seconds:.1f} s"
         if int(result.get("start_epoch", 0) or 0) > 0 and epoch == int(result["start_epoch"]) + 1:
             line += f"  (resumed from the epoch-{int(result['start_epoch'])} checkpoint)"
-        if result.get(TRIAL_ERROR_KEY):
-            line = f"{trial.trial_id} failed (not retried: a config or data error): {result[TRIAL_ERROR_KEY]}"
-        self._say(line)
+        self._say(line, trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        self.epochs_done.pop(trial.trial_id, None)
         result = trial.last_result or {}
         if result.get(TRIAL_ERROR_KEY):
-            self._say(f"{trial.trial_id} ERROR: {result[TRIAL_ERROR_KEY]}  | {self._counts(trials)}")
+            self._say(f"{trial.trial_id} ERROR: {result[TRIAL_ERROR_KEY]}", trials, bar_inline=True)
             return
         epochs = int(result.get("epoch", 0) or 0)
         how = "finished" if epochs >= self.info.epochs(trial) else f"stopped early by the scheduler at epoch {epochs}"
         best = _number(result.get(f"best_{self.metric}"))
         tail = f", best {self.metric} {best:.2f}" if best is not None else ""
-        self._say(f"{trial.trial_id} {how}{tail}  | {self._counts(trials)}")
+        self._say(f"{trial.trial_id} {how}{tail}", trials, bar_inline=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         saved = trial.checkpoint or trial.trial_id in self.checkpointed
         how = "retrying from its last checkpoint" if saved else "retrying from the start (no checkpoint yet)"
-        self._say(f"{trial.trial_id} failed; {how}: {failure_reason(trial)}")
+        self._say(f"{trial.trial_id} failed; {how}: {failure_reason(trial)}", trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        self._say(f"{trial.trial_id} ERROR: {failure_reason(trial)}  | {self._counts(trials)}")
+        self.epochs_done.pop(trial.trial_id, None)
+        self._say(f"{trial.trial_id} ERROR: {failure_reason(trial)}", trials, bar_inline=True)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._tty() and self._bar_drawn:
+            self._out().write("\r\x1b[K" + self.bar(trials) + "\n")
+            self._out().flush()

@@ -150,7 +150,9 @@ def init_ray(address: str | None) -> bool:
     # Tune's own TensorBoard logger would put a second, differently keyed run in every trial folder;
     # the study writes its own (tensorboard/<trial_id>/). The CSV and JSON loggers are passed explicitly.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    quiet = {"logging_level": logging.WARNING}
+    # Trial processes print nothing to this console (their output goes to Ray's log files): the study's
+    # Progress callback prints one line per trial and evaluation, and a failed trial's error in full.
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
         deadline = time.time() + DASHBOARD_WAIT_S  # a head that just started registers its dashboard late
         while True:
@@ -225,6 +227,13 @@ def fail_hook() -> dict[str, Any] | None:
     return {"epoch": int(epoch), "marker": marker}
 
 
+def trial_retries(space: SearchSpace) -> int:
+    """Tune's retries of a failed trial. A one-worker trial trains in its own process, so a worker death is
+    a trial failure there: it gets the worker retries too."""
+    workers = space.retries.workers if space.resources.workers_per_trial == 1 else 0
+    return space.retries.trials + workers
+
+
 def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, address: str | None,
               extra_callbacks: Sequence[Any] = (), checked: Preflight | None = None,
               study_file: dict[str, Any] | None = None, resume_command: str = "") -> int:
@@ -293,9 +302,10 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
                 trainable,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=StudySearcher(space),
                                             scheduler=scheduler, num_samples=total,
-                                            max_concurrent_trials=r.max_concurrent),
+                                            max_concurrent_trials=r.max_concurrent, reuse_actors=setup.in_process),
                 run_config=tune.RunConfig(name=storage.name, storage_path=storage.root, callbacks=callbacks,
-                                          failure_config=tune.FailureConfig(max_failures=space.retries.trials),
+                                          failure_config=tune.FailureConfig(max_failures=trial_retries(space)),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           stop=SameErrorStopper(min(space.total_trials(), SAME_ERROR_TRIALS)),
                                           verbose=0),
             )
@@ -376,6 +386,7 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, out
     import pandas as pd
 
     from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR
+    from study.summary import closing_summary
 
     path = storage.path(RESULTS_FILE)
     how = "done" if outcome is None or outcome.complete else (
@@ -399,6 +410,7 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, out
         formatters = {c: (lambda v: "" if pd.isna(v) else f"{v:.2f}") if c in metrics else
                       (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)) for c in shown.columns}
         print(shown.to_string(index=False, formatters=formatters))
+        print("\n" + "\n".join(closing_summary(table, space.searched_keys, space.metric, space.mode)))
     print(f"\nresults table : {storage.location(RESULTS_FILE)}")
     print(f"TensorBoard   : {storage.location(TENSORBOARD_DIR)}   (tensorboard --logdir {storage.location(TENSORBOARD_DIR)})")
     print(f"Tune folder   : {storage.uri}   (trials, checkpoints; resume with --resume)")

@@ -1,33 +1,34 @@
-"""The Tune trainable of a study: one Tune trial = one Ray Train ``TorchTrainer`` run.
+"""The Tune trainable of a study: one Tune trial trains one configuration, in one of two ways.
 
-Ray 2.60 no longer accepts a ``TorchTrainer`` in ``tune.Tuner``; a Tune *function* trainable builds
-the trainer and calls ``fit()``, and ``TuneReportCallback`` forwards every ``ray.train.report`` of the
-rank-0 worker to Tune (with the persisted checkpoint's path under ``checkpoint_path``).
-
-The Train run of a trial is named ``train`` and stored in the Tune trial's own folder
-(``<storage>/<study>/<trial folder>/train``). Ray Train restores a run from the checkpoint manager
-snapshot it finds there, so when Tune retries a failed trial, or resumes an interrupted study, the
-new ``TorchTrainer`` hands the worker loop its latest checkpoint through ``ray.train.get_checkpoint()``.
-Worker deaths inside a run are retried by Train itself (``FailureConfig(max_failures)``).
+- **One worker** (``workers_per_trial: 1``, the common case): the trial's own process runs the training
+  loop (:func:`study.worker.run_in_trial`) and reserves the worker's CPUs and GPUs itself. Nothing else
+  starts, and Tune reuses trial processes (``reuse_actors``), so a trial starts in about a second.
+  Checkpoints go to Tune (``ray.tune.report``); a trial whose process dies is retried by Tune from its
+  last checkpoint (``tune.get_checkpoint()``), so worker retries are Tune trial retries on this path.
+- **Several workers** (DDP): Ray 2.60 no longer accepts a ``TorchTrainer`` in ``tune.Tuner``; the Tune
+  function trainable builds one and calls ``fit()``, and ``TuneReportCallback`` forwards every
+  ``ray.train.report`` of the rank-0 worker to Tune. The Train run is named ``train`` and stored in the
+  Tune trial's folder (``<storage>/<study>/<trial folder>/train``); Ray Train restores it from the
+  checkpoint manager snapshot it finds there, so when Tune retries a failed trial or resumes an
+  interrupted study, the new ``TorchTrainer`` hands the workers their latest checkpoint. Worker deaths
+  inside a run are retried by Train itself (``FailureConfig(max_failures)``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 from ray import tune
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from reid_core.config import ConfigError, config_keys
 from study.preflight import PreflightError, dataset_key, error_result, read_trial_error
 from study.space import trial_config
 
 TRAIN_RUN_NAME = "train"
-# The Tune trial's own process only waits on its Train run; it reserves a sliver of memory rather than
-# a CPU share, so that N one-CPU trials fit on N CPUs (a CPU share of 0.01 would leave the Nth trial's
+# A several-worker trial's own process only waits on its Train run; it reserves a sliver of memory rather
+# than a CPU share, so that N one-CPU trials fit on N CPUs (a CPU share of 0.01 would leave the Nth trial's
 # worker 0.99 CPU short). The Train workers reserve the CPUs and GPUs.
 TRIAL_MEMORY_BYTES = 64 * 1024 * 1024
 
@@ -52,6 +53,11 @@ class TrialSetup:
     # from it instead of reading the dataset again.
     datasets: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def in_process(self) -> bool:
+        """Whether trials train in the Tune trial's own process (one worker) rather than a TorchTrainer."""
+        return self.workers == 1
+
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     """The config keys of a Tune trial config (drops the searcher's bookkeeping: cell, bundle indices)."""
@@ -60,30 +66,49 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """Tune function trainable: run the trial's TorchTrainer to the end (or until Tune stops it). A
-    deterministic error (config or data) is reported once and raised, and not retried (see
-    study.preflight)."""
+    """Tune function trainable: train the trial to the end (or until Tune stops it), in this process or in
+    a TorchTrainer. A deterministic error (config or data) is reported once and raised, and not retried
+    (see :mod:`study.preflight`)."""
     try:
         cfg = trial_config(setup.base, trial_params(config))
     except ConfigError as exc:
         tune.report(error_result(exc, setup.metric))
         raise
     trial_dir = PurePosixPath(tune.get_context().get_trial_dir()).name
-    storage = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
+    trial_folder = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
+    loop = {"config": cfg.to_dict(), "eval_epochs": setup.eval_epochs, "metric": setup.metric, "mode": setup.mode,
+            "fail_hook": setup.fail_hook, "dataset": setup.datasets.get(dataset_key(cfg)),
+            "trial_folder": trial_folder}  # what study.worker.run_loop needs
+    read_trial_error(trial_folder, remove=True)  # one left by an earlier attempt (a resumed study reruns errors)
+    if setup.in_process:
+        from study.worker import run_in_trial
+
+        os.environ.update(setup.worker_env)  # what Train would have put in its workers' environment
+        run_in_trial(loop)
+    else:
+        _fit_torch_trainer(loop, setup)
+    message = read_trial_error(trial_folder)
+    if message:  # the loop stopped on a deterministic error (already reported to Tune)
+        raise PreflightError(message)
+
+
+def _fit_torch_trainer(loop: dict[str, Any], setup: TrialSetup) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = setup.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker=_loop,
-        train_loop_config={"config": cfg.to_dict(), "eval_epochs": setup.eval_epochs, "metric": setup.metric,
-                           "mode": setup.mode, "fail_hook": setup.fail_hook,
-                           "dataset": setup.datasets.get(dataset_key(cfg)), "trial_folder": storage},
+        train_loop_config=loop,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=setup.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=TRAIN_RUN_NAME,
-            storage_path=storage,
+            storage_path=loop["trial_folder"],
             failure_config=FailureConfig(max_failures=setup.worker_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback()],
@@ -91,20 +116,26 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             logging_config=LoggingConfig(log_level="WARNING"),  # per-report INFO lines drown the progress
         ),
     )
-    read_trial_error(storage, remove=True)  # one left by an earlier attempt (a resumed study reruns errors)
     trainer.fit()
-    message = read_trial_error(storage)
-    if message:  # the workers stopped on a deterministic error (already reported to Tune)
-        raise PreflightError(message)
 
 
-def _loop(loop_config: dict[str, Any]) -> None:
+def _loop(loop: dict[str, Any]) -> None:
     from study.worker import train_loop
 
-    train_loop(loop_config)
+    train_loop(loop)
+
+
+def trial_resources(setup: TrialSetup) -> dict[str, float]:
+    """What a Tune trial reserves: the worker's CPUs and GPUs in process, else a sliver of memory."""
+    if not setup.in_process:
+        return {"memory": TRIAL_MEMORY_BYTES}
+    resources = {"CPU": setup.cpus_per_worker}
+    if setup.gpus_per_worker > 0:
+        resources["GPU"] = setup.gpus_per_worker
+    return resources
 
 
 def make_trainable(setup: TrialSetup) -> Any:
     """``train_trial`` bound to ``setup``, with its Tune resources."""
     bound = tune.with_parameters(train_trial, setup=setup)
-    return tune.with_resources(bound, {"memory": TRIAL_MEMORY_BYTES})
+    return tune.with_resources(bound, trial_resources(setup))

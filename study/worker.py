@@ -1,18 +1,32 @@
-"""The Ray Train loop of one trial, run by every worker of its TorchTrainer (DDP: gloo on CPU, NCCL on GPU).
+"""The training loop of one trial, in one of two places:
+
+- **in the Tune trial's own process** (:func:`run_in_trial`) when the trial has one worker: no Train
+  controller, worker group or process group to start, and a reused trial process (``reuse_actors``)
+  keeps torch imported between trials;
+- **in every worker of the trial's TorchTrainer** (:func:`train_loop`) when it has several (DDP: gloo
+  on CPU, NCCL on GPU).
+
+Both run :func:`run_loop`; a :class:`Session` hides where results go (``ray.tune.report`` or
+``ray.train.report``) and where the checkpoint to resume from comes from.
 
 Per epoch every worker trains (``reid_core.engine.Trainer``), evaluates when due (every
 ``train.eval_period``, the last epoch, and each ASHA rung so that the scheduler compares real numbers),
-writes a checkpoint when due (rank 0 writes; the folder is handed to ``ray.train.report``) and reports one
+writes a checkpoint when due (rank 0 writes; the folder is handed to the session's report) and reports one
 result. Every result holds the last evaluation (``mAP``, ``R1``, ``R5``, ``R10``, ``mINP``, in percent, and
 ``mAP_rerank`` ... ``mINP_rerank`` with ``eval.rerank``;
 NaN before the first one, with ``eval_epoch`` = 0), the best one so far (``best_*``, ``best_epoch``,
 ``best_cmc``: CMC at ranks 1..20), ``start_epoch`` (the epoch this worker group resumed from),
-``world_size``, ``ddp_backend`` (``gloo`` / ``nccl``), ``rank_nodes`` (the Ray node id of every rank, in rank
-order, joined by ``,``: where the worker group runs, which changes when a lost node's trial is retried) and
-``epoch_s`` (seconds of training and evaluation).
+``world_size``, ``ddp_backend`` (``gloo`` / ``nccl`` / ``none``), ``rank_nodes`` (the Ray node id of every
+rank, in rank order, joined by ``,``: where the trial runs, which changes when a lost node's trial is
+retried), ``skipped_images`` (unreadable images skipped so far), ``epoch_s`` (seconds of training and
+evaluation of this epoch) and the trial's set-up times, in seconds (see :data:`TIMING_KEYS`).
+
+A config or data error (:func:`study.preflight.is_deterministic`) fails the same way on every attempt: the
+loop reports it once (``trial_error``), rank 0 writes ``trial_error.txt`` in the trial folder, and the loop
+returns, so that neither Train nor Tune retries; the trainable then raises it (see :mod:`study.trainable`).
 
 A checkpoint folder holds the Trainer's ``checkpoint.pt`` and ``study_state.json`` (last and best
-evaluation), so a restarted worker group (``ray.train.get_checkpoint()``) carries on where it stopped.
+evaluation), so a restarted trial or worker group carries on where it stopped.
 """
 from __future__ import annotations
 
@@ -22,12 +36,11 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
-from typing import Any
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
 
-import ray.train
-import ray.train.torch
-import torch.distributed as dist
+import ray
 
 from reid_core.config import Config
 from study.preflight import TRIAL_ERROR_KEY, error_result, is_deterministic, write_trial_error
@@ -35,7 +48,117 @@ from study.preflight import TRIAL_ERROR_KEY, error_result, is_deterministic, wri
 EVAL_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
 CMC_RANKS = 20
 STATE_FILE = "study_state.json"
-HOOK_WAIT_S = 5.0
+SAVED_RESULT_KEY = "result"  # in STATE_FILE: the result reported with the checkpoint
+# Result keys with where a trial's time went (benchmarks/study.py reads them): wall-clock time (s since
+# the epoch) when the loop was entered; seconds importing the engine, building the Trainer (data, model,
+# optimizer), loading the checkpoint; this epoch's evaluation; the previous epoch's checkpoint save and its
+# report call (Ray copies the checkpoint into the trial folder; a Tune trial then waits for the driver to
+# take the result).
+TIMING_KEYS = ("entered_at", "import_s", "build_s", "restore_s", "eval_s", "checkpoint_s", "report_s")
+
+
+class Session(Protocol):
+    """Where a trial loop reports to and resumes from."""
+
+    rank: int
+    world_size: int
+    hook_wait_s: float  # how long the test hook waits after a checkpointed report before dying
+
+    def checkpoints(self) -> list[Any]:  # ray Checkpoints to resume from, preferred first
+        ...
+
+    def report(self, result: dict[str, Any], folder: Path | None) -> None:
+        ...
+
+
+class TuneSession:
+    """The Tune trial's own process: ``ray.tune.report`` / ``ray.tune.get_checkpoint`` (results are
+    handed over synchronously, so a checkpoint is registered when the driver takes the result).
+
+    A killed driver's study resumes from Tune's last experiment snapshot, which is taken every few
+    seconds and so may predate the trial's newest checkpoints; those are on disk all the same (Tune copies
+    a checkpoint into the trial folder before ``tune.report`` returns). So the trial also offers the
+    complete ones it finds there, newest first, as Ray Train does with its own snapshot."""
+
+    rank, world_size, hook_wait_s = 0, 1, 2.0
+
+    def __init__(self, trial_folder: str | None = None) -> None:
+        self.trial_folder = trial_folder
+
+    def checkpoints(self) -> list[Any]:
+        from ray import tune
+
+        registered = tune.get_checkpoint()
+        found = persisted_checkpoints(self.trial_folder) if self.trial_folder else []
+        if registered is not None:
+            newer = [c for c in found if _checkpoint_index(c.path) > _checkpoint_index(registered.path)]
+            return newer + [registered]
+        return found
+
+    def report(self, result: dict[str, Any], folder: Path | None) -> None:
+        from ray import tune
+
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)) if folder else None)
+
+
+class TrainSession:
+    """A Ray Train worker: ``ray.train.report`` / ``ray.train.get_checkpoint``. The Train controller polls
+    its workers every 2 s, so the test hook waits longer before killing a worker."""
+
+    hook_wait_s = 5.0
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def checkpoints(self) -> list[Any]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return [checkpoint] if checkpoint is not None else []
+
+    def report(self, result: dict[str, Any], folder: Path | None) -> None:
+        import ray.train
+
+        ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
+
+
+def _checkpoint_index(path: str) -> int:
+    """The N of a Tune checkpoint folder ``.../checkpoint_00000N`` (-1 for any other name)."""
+    name = PurePosixPath(path).name
+    suffix = name[len("checkpoint_"):]
+    return int(suffix) if name.startswith("checkpoint_") and suffix.isdigit() else -1
+
+
+def persisted_checkpoints(trial_folder: str) -> list[Any]:
+    """The complete checkpoints in a Tune trial's folder (a local path or a pyarrow URI), newest first.
+
+    Complete: the folder holds the study state and a ``checkpoint.pt`` whose zip directory (written last
+    by ``torch.save``) is intact, so a copy cut short by a dying process is passed over."""
+    import pyarrow.fs as pafs
+    from ray.tune import Checkpoint
+
+    from reid_core.engine.checkpoint import CHECKPOINT_FILE
+
+    fs, root = pafs.FileSystem.from_uri(trial_folder)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    folders = [i.path for i in fs.get_file_info(pafs.FileSelector(root))
+               if i.type == pafs.FileType.Directory and _checkpoint_index(i.path) >= 0]
+    complete = []
+    for folder in sorted(folders, key=_checkpoint_index, reverse=True):
+        if fs.get_file_info(f"{folder}/{STATE_FILE}").type != pafs.FileType.File:
+            continue
+        try:
+            with fs.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as fh:
+                intact = zipfile.is_zipfile(fh)
+        except OSError:
+            intact = False
+        if intact:
+            complete.append(Checkpoint(folder, filesystem=fs))
+    return complete
 
 
 def empty_state() -> dict[str, Any]:
@@ -60,7 +183,7 @@ def update_state(state: dict[str, Any], evaluation: dict[str, Any], epoch: int, 
 
 def result_of(train_metrics: dict[str, Any], state: dict[str, Any], start_epoch: int,
               world: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The dict reported to Tune for one epoch (``world``: ``world_size`` and ``ddp_backend``)."""
+    """The dict reported to Tune for one epoch (``world``: ``world_size``, ``ddp_backend``, timings)."""
     out = {k: float(v) for k, v in train_metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
     out["epoch"] = int(train_metrics["epoch"])
     out.update(state["last"])
@@ -73,23 +196,31 @@ def result_of(train_metrics: dict[str, Any], state: dict[str, Any], start_epoch:
     return out
 
 
-def _maybe_fail(hook: dict[str, Any] | None, epoch: int, rank: int) -> None:
-    """Test hook: the rank-0 worker process dies once after reporting ``hook['epoch']`` (a marker file
-    records that it happened, so the restarted worker goes on). It waits a few seconds first, so that
-    the Train controller (which polls every 2 s) has registered that epoch's checkpoint."""
-    if not hook or rank != 0 or epoch != int(hook["epoch"]):
+def _maybe_fail(hook: dict[str, Any] | None, epoch: int, session: Session) -> None:
+    """Test hook: the rank-0 worker process (the trial's process on the one-worker path) dies once after
+    reporting ``hook['epoch']`` (a marker file records that it happened, so the restarted one goes on).
+    It waits a little first, so that Ray has registered that epoch's checkpoint."""
+    if not hook or session.rank != 0 or epoch != int(hook["epoch"]):
         return
     marker = Path(hook["marker"])
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"worker died after epoch {epoch}\n")
-    time.sleep(HOOK_WAIT_S)
+    time.sleep(session.hook_wait_s)
     os._exit(17)
+
+
+def checkpoint_due(trainer: Any, cfg: Config) -> bool:
+    """The Trainer's rule (every ``train.checkpoint_period`` epochs and the last), except that a period
+    beyond the budget turns a trial's checkpoints off (tiny trials whose restart costs less than a save)."""
+    return cfg.train.checkpoint_period <= cfg.train.epochs and trainer.checkpoint_due()
 
 
 def rank_nodes() -> str:
     """The Ray node id of every rank, in rank order, joined by ``,`` (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
     node = ray.get_runtime_context().get_node_id()
     if not (dist.is_available() and dist.is_initialized()):
         return node
@@ -98,75 +229,109 @@ def rank_nodes() -> str:
     return ",".join(nodes)
 
 
+def run_in_trial(loop_config: dict[str, Any]) -> None:
+    """The one-worker path: the loop in the Tune trial's own process."""
+    run_loop(loop_config, TuneSession(loop_config.get("trial_folder")), entered_at=time.time())
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker. ``loop_config``: ``config`` (Config as a nested dict),
-    ``eval_epochs`` (extra epochs to evaluate: ASHA rungs), ``metric``, ``mode``, ``fail_hook`` (tests)."""
+    """Entry point of every Ray Train worker (several-worker trials)."""
+    run_loop(loop_config, TrainSession(), entered_at=time.time())
+
+
+def run_loop(loop_config: dict[str, Any], session: Session, entered_at: float) -> None:
+    """Train one trial to its budget. ``loop_config``: ``config`` (Config as a nested dict),
+    ``eval_epochs`` (extra epochs to evaluate: ASHA rungs), ``metric``, ``mode``, ``fail_hook`` (tests),
+    ``dataset`` (the driver's dataset index as an object reference, or None), ``trial_folder`` (the Tune
+    trial's folder, where a deterministic error is written)."""
     try:
-        _train(loop_config)
+        _train(loop_config, session, entered_at)
     except Exception as exc:
         if not is_deterministic(exc):
-            raise  # a crash: Train retries the worker group from its last checkpoint
+            raise  # a crash: retried from the last checkpoint (by Train, or by Tune on the one-worker path)
         # The same input fails the same way on every attempt: report it instead of raising, so that
-        # neither Train nor Tune retries (the trainable raises it once the run ended).
+        # neither Train nor Tune retries (the trainable raises it once the loop returned).
         result = error_result(exc, loop_config.get("metric", "mAP"))
-        if ray.train.get_context().get_world_rank() == 0 and loop_config.get("trial_folder"):
+        if session.rank == 0 and loop_config.get("trial_folder"):
             write_trial_error(loop_config["trial_folder"], result[TRIAL_ERROR_KEY])
-        ray.train.report(result)
+        session.report(result, None)
 
 
-def _train(loop_config: dict[str, Any]) -> None:
-    from reid_core.engine import Trainer  # imported in the worker: pulls in torch models and data
+def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> None:
+    began = time.perf_counter()
+    import torch.distributed as dist
 
+    from reid_core.engine import Trainer  # pulls in torch models and data: free in a reused process
+
+    imported = time.perf_counter()
     cfg = Config.from_dict(loop_config["config"]).validate()
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
     scratch = Path(tempfile.mkdtemp(prefix="moreid-trial-"))
     cfg = cfg.replace({"train.output_dir": str(scratch)})
-    device = ray.train.torch.get_device() if cfg.train.device != "cpu" else "cpu"
+    device = None
+    if cfg.train.device != "cpu" and isinstance(session, TrainSession):
+        from ray.train.torch import get_device
+
+        device = get_device()  # the GPU Train assigned to this worker
     eval_epochs = {int(e) for e in loop_config.get("eval_epochs", [])}
     metric, mode = loop_config.get("metric", "mAP"), loop_config.get("mode", "max")
 
     index = loop_config.get("dataset")  # the driver's dataset index (an object reference), if handed over
     trainer = Trainer(cfg, log_dir=scratch / "tensorboard", device=device,
                       dataset=ray.get(index) if index is not None else None)
+    built = time.perf_counter()
     state = empty_state()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+    checkpoints = session.checkpoints()
+    if checkpoints:
+        with checkpoints[0].as_directory() as folder:
             trainer.load_checkpoint(folder)
             state_file = Path(folder) / STATE_FILE
             if state_file.is_file():
                 state = json.loads(state_file.read_text())
+    saved_result = state.pop(SAVED_RESULT_KEY, None)  # the result reported with that checkpoint
     start_epoch = trainer.epoch
-    world = {"world_size": context.get_world_size(),
+    world = {"world_size": session.world_size,
              "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none",
-             "rank_nodes": rank_nodes()}
+             "rank_nodes": rank_nodes(), "entered_at": entered_at, "import_s": imported - began,
+             "build_s": built - imported, "restore_s": time.perf_counter() - built}
+    checkpoint_s = report_s = 0.0
     try:
         if start_epoch >= cfg.train.epochs:
             # The run had finished before its driver went away: report its final result once more, so
             # that Tune (which may not have recorded the last epochs) ends the trial with it.
-            ray.train.report(result_of({"epoch": trainer.epoch}, state, start_epoch, world))
+            # Same keys in the same order as its other results (Tune's progress.csv keeps its first header).
+            final = result_of({"epoch": trainer.epoch}, state, start_epoch, world)
+            session.report({**saved_result, **final} if saved_result else final, None)
         while trainer.epoch < cfg.train.epochs:
-            began = time.perf_counter()
+            epoch_began = time.perf_counter()
             train_metrics = trainer.train_epoch()
             epoch = trainer.epoch
+            eval_s = 0.0
             if trainer.eval_due() or epoch in eval_epochs:
+                eval_began = time.perf_counter()
                 update_state(state, trainer.evaluate(), epoch, metric, mode)
+                eval_s = time.perf_counter() - eval_began
             result = result_of(train_metrics, state, start_epoch, world)
-            result["epoch_s"] = time.perf_counter() - began  # training + evaluation, without Ray's overheads
+            result["epoch_s"] = time.perf_counter() - epoch_began  # training + evaluation, without Ray's overheads
             result["skipped_images"] = trainer.skipped_images()
-            if trainer.checkpoint_due():
+            result["eval_s"] = eval_s
+            result["checkpoint_s"], result["report_s"] = checkpoint_s, report_s
+            saving = time.perf_counter()
+            folder = None
+            if checkpoint_due(trainer, cfg):
                 folder = Path(tempfile.mkdtemp(prefix="ckpt-", dir=scratch))
                 trainer.save_checkpoint(folder)  # every rank takes part; rank 0 writes
-                if rank == 0:
-                    (folder / STATE_FILE).write_text(json.dumps(state))
-                    ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+                if session.rank == 0:
+                    (folder / STATE_FILE).write_text(json.dumps({**state, SAVED_RESULT_KEY: result}))
                 else:
-                    ray.train.report(result)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    folder = None
+            reporting = time.perf_counter()
+            session.report(result, folder)
+            report_s = time.perf_counter() - reporting
+            if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
-            else:
-                ray.train.report(result)
-            _maybe_fail(loop_config.get("fail_hook"), epoch, rank)
+            checkpoint_s = reporting - saving
+            _maybe_fail(loop_config.get("fail_hook"), epoch, session)
     finally:
         trainer.close()
         shutil.rmtree(scratch, ignore_errors=True)

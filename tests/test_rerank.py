@@ -215,6 +215,7 @@ def test_study_results_carry_rerank_columns(tmp_path):
     callback.setup()
     callback.on_trial_start(0, [], trial)
     callback.on_trial_result(0, [], trial, result)
+    callback.on_experiment_end([])  # epoch results reach the file within seconds; the study's end writes them
     with storage.path(RESULTS_FILE).open() as handle:
         reader = csv.DictReader(handle)
         row = next(reader)

@@ -507,3 +507,16 @@ def test_directions_cli_csv_and_markdown_and_results_md(tmp_path):
     # A study without the cells of any claim: no directions section in results.md.
     lonely = write_study(tmp_path / "lonely", [trial("t", 50.0, HE_MOREID)])
     assert "Directions" not in write_report(lonely).read_text()
+def test_cmc_legend_names_framework_and_loss_and_disambiguates_keys():
+    from study.results.plots import _labels
+
+    labels = _labels([{"framework.name": "baseline", "loss.name": "he", "loss.normalize": False},
+                      {"framework.name": "moreid", "loss.name": "ranked_list", "loss.normalize": True}])
+    assert labels == ["Baseline + HE, normalize=False", "MoReID + Ranked List, normalize=True"]
+    both = _labels([{"optim.lr": 0.001, "data.height": 64, "model.height": 3},
+                    {"optim.lr": 0.003, "data.height": 32, "model.height": 4}])
+    assert both[0] == "lr=0.001, data.height=64, model.height=3"  # two keys end in "height": full names
+    long = _labels([{"framework.name": "moreid", **{f"loss.knob{i}": i for i in range(12)}},
+                    {"framework.name": "baseline", **{f"loss.knob{i}": i + 1 for i in range(12)}}])
+    assert all(len(line.rstrip(",")) <= 60 for label in long for line in label.split("\n"))  # wrapped, not cut
+    assert long[0].replace(",\n", ", ").endswith("knob11=11")

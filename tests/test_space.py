@@ -81,6 +81,9 @@ def test_shipped_spaces_hold_the_papers_grids():
     assert {c["framework.name"] for c in ranked.cells()} == {"baseline", "moreid"}
     quick = load_space("quickstart")
     assert quick.total_trials() == 8 and quick.base["data.dataset"] == "synthetic"
+    # a test split of at least 150 queries: one per (test identity, camera), half the identities test
+    assert quick.base["data.synthetic.ids"] // 2 * quick.base["data.synthetic.cams"] >= 150
+    assert quick.resources.workers_per_trial == 1  # trials train in their own Tune process
     for name in EXPECTED_SPACES - {"quickstart", "fidelity"}:  # the two CPU studies
         space = load_space(name)
         assert space.base["model.arch"] in ("resnet50", "resnet101") or name == "datasets"
@@ -248,7 +251,7 @@ def test_dataset_and_data_root_override_the_base(tmp_path, capsys):
                        {"max_concurrent": 3, "workers_per_trial": 2, "gpus_per_worker": None, "cpus_per_worker": None})
     assert space.base["data.dataset"] == "market1501" and space.base["data.root"] == str(data)
     assert space.resources.max_concurrent == 3 and space.resources.workers_per_trial == 2
-    assert space.resources.cpus_per_worker == 0.5
+    assert space.resources.cpus_per_worker == 1
 
 
 def test_resources_and_paths(tmp_path):

@@ -13,10 +13,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from reid_core.config import Config, flatten
-from study.callbacks import FIXED_COLUMNS, RESULTS_FILE, ResultsCsv, TensorBoardHParams, TrialInfo
+from study.callbacks import FIXED_COLUMNS, RESULTS_FILE, Progress, ResultsCsv, TensorBoardHParams, TrialInfo
 from study.results.load import read_results
 from study.space import load_space
 from study.storage import StudyStorage
+from study.summary import closing_summary
 
 NAN = float("nan")
 
@@ -35,7 +36,7 @@ def result(epoch: int, evaluated_at: int, mAP: float, best: float, best_epoch: i
 
 @pytest.fixture()
 def setup(tmp_path):
-    space = load_space("quickstart")
+    space = load_space("quickstart", ["train.epochs=3"])
     info = TrialInfo(space.base, space.searched_keys)
     storage = StudyStorage(tmp_path, "demo")
     trials = [Trial("train_trial", config={"loss.name": name, "loss.normalize": False, "framework.name": fw,
@@ -142,3 +143,82 @@ def test_uri_storage_writes_locally_and_copies_to_the_uri(tmp_path, monkeypatch)
     assert storage.read_text("results.csv") == "a,b\n1,2\n" and storage.read_text("nothing.json") is None
     local = StudyStorage(tmp_path / "plain", "study2")
     assert not local.remote and local.local == (tmp_path / "plain" / "study2").resolve()
+
+
+def test_results_csv_epoch_results_are_written_in_the_background_at_most_every_period(setup, monkeypatch):
+    space, info, storage, (a, b, _) = setup
+    cb = ResultsCsv(storage, "demo", info)
+    cb.setup()
+    cb.on_trial_start(0, [], a)
+    first = storage.path(RESULTS_FILE).stat().st_mtime_ns
+    cb.on_trial_result(0, [], a, result(1, 1, 5.0, 5.0, 1))  # within the period: no rewrite yet
+    assert storage.path(RESULTS_FILE).stat().st_mtime_ns == first
+    monkeypatch.setattr("study.callbacks.CSV_WRITE_PERIOD_S", 0.0)
+    cb.on_trial_result(0, [], a, result(2, 2, 7.0, 7.0, 2))  # period over: rewritten by a background thread
+    cb._thread.join()
+    assert pd.read_csv(storage.path(RESULTS_FILE)).iloc[0].best_mAP == 7.0
+    cb.on_trial_start(0, [], b)  # an older background text never replaces a newer synchronous one
+    cb._store("stale,text\n", 1)
+    assert len(pd.read_csv(storage.path(RESULTS_FILE))) == 2
+    cb.on_experiment_end([])
+
+
+def test_progress_prints_one_line_per_trial_and_evaluation_with_a_study_bar(setup):
+    import io
+
+    space, info, storage, (a, b, c) = setup
+    out = io.StringIO()
+    progress = Progress(info, "mAP", total=3, stream=out)
+    progress.setup()
+    for trial in (a, b):
+        trial.set_status(Trial.RUNNING)
+    for trial in (a, b):
+        progress.on_trial_start(0, [a, b, c], trial)
+    progress.on_trial_result(0, [a, b, c], a, {**result(1, 0, NAN, NAN, 0), "epoch_s": 2.0})  # not evaluated
+    progress.on_trial_result(0, [a, b, c], a, {**result(2, 2, 12.5, 12.5, 2), "epoch_s": 2.5})
+    a.update_last_result(result(3, 3, 11.0, 12.5, 2))
+    a.set_status(Trial.TERMINATED)
+    progress.on_trial_complete(0, [a, b, c], a)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4  # 2 starts, 1 evaluation (epoch 1 was not evaluated), 1 end
+    assert "t0 started: loss.name=he" in lines[0] and "| [" in lines[0] and "0/3 done, 2 running" in lines[0]
+    assert "t0 epoch 2/3" in lines[2] and "mAP 12.50 (best 12.50 @ 2)" in lines[2] and "2.5 s" in lines[2]
+    assert "t0 finished, best mAP 12.50" in lines[3] and "1/3 done, 1 running" in lines[3] and "ETA" in lines[3]
+
+
+def test_closing_summary_names_the_winning_cell_and_the_evidence():
+    table = pd.DataFrame({"loss.name": ["he", "triplet", "he", "triplet"], "framework.name": ["moreid"] * 4,
+                          "train.seed": [0, 0, 1, 1], "best_mAP": [20.0, 18.0, 22.0, 17.0]})
+    one_seed = closing_summary(table[table["train.seed"] == 0], ["loss.name", "framework.name"])
+    assert one_seed[0] == "winner: loss.name=he framework.name=moreid: mAP 20.00 (one trial, one seed)"
+    assert one_seed[1].startswith("runner-up: loss.name=triplet framework.name=moreid: mAP 18.00, 2.00 points")
+    assert "One seed is not evidence" in one_seed[2] and "python -m study.run fidelity" in one_seed[2]
+    seeds = closing_summary(table, ["loss.name", "framework.name", "train.seed"])
+    assert seeds[0].startswith("winner: loss.name=he framework.name=moreid: mAP 21.00 (mean of 2 seeds")
+    assert not any("One seed" in line for line in seeds)
+    assert closing_summary(table.assign(best_mAP=NAN), ["loss.name"]) == []
+
+
+def test_a_resumed_one_worker_trial_finds_the_newest_complete_checkpoint_in_its_folder(tmp_path):
+    """A killed driver's snapshot may predate a trial's newest checkpoints: the trial looks in its folder,
+    newest first, and passes over a copy cut short (truncated checkpoint.pt) or one without its state."""
+    import torch
+
+    from study.worker import STATE_FILE, persisted_checkpoints
+
+    trial = tmp_path / "trial_0001"
+    for index, epoch in enumerate((1, 2, 3, 4)):
+        folder = trial / f"checkpoint_{index:06d}"
+        folder.mkdir(parents=True)
+        torch.save({"epoch": epoch, "weights": torch.zeros(1000)}, folder / "checkpoint.pt")
+        (folder / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+    whole = (trial / "checkpoint_000003" / "checkpoint.pt").read_bytes()
+    (trial / "checkpoint_000003" / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # cut short
+    (trial / "checkpoint_000002" / STATE_FILE).unlink()  # copied without its study state
+    (trial / "checkpoint_extra").mkdir()  # not Tune's
+    found = persisted_checkpoints(str(trial))
+    assert [p.rsplit("/", 1)[-1] for p in (c.path for c in found)] == ["checkpoint_000001", "checkpoint_000000"]
+    with found[0].as_directory() as folder:
+        assert torch.load(f"{folder}/checkpoint.pt")["epoch"] == 2
+    assert persisted_checkpoints(str(tmp_path / "missing")) == []
+    assert persisted_checkpoints(f"file://{trial}")[0].path.endswith("checkpoint_000001")

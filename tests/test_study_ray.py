@@ -1,10 +1,14 @@
 """Studies end to end on a real Ray: tiny ResNet-18 trials on tiny synthetic data (8 identities, 2 cameras,
-32x16 images, 2 iterations per epoch).
+32x16 images, 2 iterations per epoch). One-worker trials train in the Tune trial's own process; trials of
+several workers run a Ray Train TorchTrainer. Both paths are covered:
 
-- an ASHA study: trials stopped early, and the trials after them still start (DESIGN section 7's trap);
-- a trial of 2 CPU workers (DDP over gloo) whose rank-0 worker dies once and is retried from its checkpoint;
-- a study on a Ray head this test starts on 127.0.0.1 (reached with --address, stopped by its process id);
-- a study whose driver is killed mid-study, resumed with --resume without re-running finished trials.
+- one worker: an ASHA study (trials stopped early, and the trials after them still start), a trial whose
+  process dies once and is retried from its checkpoint, a study on a Ray head this test starts on 127.0.0.1
+  (reached with --address, stopped by its process id), a study whose driver is killed mid-study, resumed
+  with --resume without re-running finished trials;
+- two CPU workers (DDP over gloo): an ASHA study whose first trial's rank-0 worker dies once and is retried
+  from its checkpoint, with trials stopped early and trials after them still starting (DESIGN section 7's
+  trap: Train must give back the resources of a run Tune stopped).
 """
 from __future__ import annotations
 
@@ -105,22 +109,54 @@ def test_asha_stops_trials_early_and_later_trials_still_start(tmp_path, capsys):
     assert (study / "results.md").is_file()
 
 
-def test_two_gloo_workers_and_a_worker_death_resumed_from_checkpoint(tmp_path, monkeypatch):
+def test_one_worker_trial_process_dies_and_is_retried_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "died"
     monkeypatch.setenv(run.FAIL_HOOK_ENV, f"1:{marker}")
-    space = write_space(tmp_path, "ddp", 3, {"framework.name": {"type": "grid", "values": ["moreid"]}},
-                        resources={"max_concurrent": 1, "workers_per_trial": 2, "cpus_per_worker": 1})
+    space = write_space(tmp_path, "inproc", 3, {"framework.name": {"type": "grid", "values": ["moreid"]}},
+                        retries={"workers": 1, "trials": 0})  # the process death spends the worker retry
     start = time.time()
     assert run.main([str(space), "--storage", str(tmp_path / "studies")]) == 0
-    print(f"2-worker study with a worker death: {time.time() - start:.0f} s")
-    assert marker.is_file()  # the rank-0 worker did die after epoch 1
-    study = tmp_path / "studies" / "ddp"
+    print(f"one-worker study with a trial process death: {time.time() - start:.0f} s")
+    out = capsys.readouterr().out
+    assert marker.is_file()  # the trial's process did die after epoch 1
+    study = tmp_path / "studies" / "inproc"
     (row,) = read_csv(study / "results.csv")
     assert row["status"] == "TERMINATED" and row["epochs"] == "3"
     progress = trial_progress(study, row["trial_id"])
     assert list(progress["epoch"]) == [1, 2, 3]  # not restarted from scratch
-    assert list(progress["start_epoch"]) == [0, 1, 1]  # the new worker group loaded the epoch-1 checkpoint
+    assert list(progress["start_epoch"]) == [0, 1, 1]  # the new trial process loaded the epoch-1 checkpoint
+    assert set(progress["world_size"]) == {1} and set(progress["ddp_backend"]) == {"none"}
+    assert "retrying from its last checkpoint" in out
+    assert "(resumed from the epoch-1 checkpoint)" in out
+    assert "Reporting training result" not in out and "TrainingReport" not in out  # a quiet console
+    assert "winner: " in out and "One seed is not evidence" in out
+
+
+def test_two_gloo_workers_asha_and_a_worker_death_resumed_from_checkpoint(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "died"
+    monkeypatch.setenv(run.FAIL_HOOK_ENV, f"1:{marker}")
+    lrs = [3e-3, 1e-6, 3e-6, 1e-3]
+    space = write_space(tmp_path, "ddp", 2, {"optim.lr": {"type": "grid", "values": lrs}},
+                        scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2},
+                        resources={"max_concurrent": 1, "workers_per_trial": 2, "cpus_per_worker": 1})
+    start = time.time()
+    assert run.main([str(space), "--storage", str(tmp_path / "studies")]) == 0
+    print(f"2-worker ASHA study with a worker death: {time.time() - start:.0f} s")
+    out = capsys.readouterr().out
+    assert marker.is_file()  # the first trial's rank-0 worker did die after epoch 1
+    study = tmp_path / "studies" / "ddp"
+    rows = read_csv(study / "results.csv")
+    assert sorted(float(r["optim.lr"]) for r in rows) == sorted(lrs)  # every trial ran, one after the other
+    first = rows[0]
+    assert first["status"] == "TERMINATED" and first["epochs"] == "2"
+    progress = trial_progress(study, first["trial_id"])
+    assert list(progress["epoch"]) == [1, 2]  # not restarted from scratch
+    assert list(progress["start_epoch"]) == [0, 1]  # the new worker group loaded the epoch-1 checkpoint
     assert set(progress["world_size"]) == {2} and set(progress["ddp_backend"]) == {"gloo"}
+    # A trial stopped early that is not the last one: the trial after it got its workers' CPUs back.
+    stopped = [i for i, r in enumerate(rows) if r["status"] == "STOPPED"]
+    assert stopped and stopped[0] < len(rows) - 1 and all(rows[i]["epochs"] == "1" for i in stopped)
+    assert "Reporting training result" not in out and "TrainingReport" not in out
 
 
 def _free_port() -> int:

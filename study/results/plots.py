@@ -188,17 +188,53 @@ def plot_cmc(frame: pd.DataFrame, path: Path, *, metric: str = "best") -> Path |
     return _save(fig, path)
 
 
+# How a legend shows a value of the "name" keys (the framework and the loss read as one name: "MoReID + HE").
+VALUE_NAMES = {"baseline": "Baseline", "moreid": "MoReID", "he": "HE", "triplet": "triplet", "npair": "N-pair",
+               "ranked_list": "Ranked List"}
+NAME_KEYS = ("framework.name", "loss.name")
+LABEL_WIDTH = 60  # characters per legend line; longer labels wrap
+
+
 def _labels(configs: list[dict]) -> list[str]:
-    """Short labels naming the keys where the plotted configurations differ."""
+    """Legend labels naming what differs between the plotted configurations: the framework and loss by
+    name (``MoReID + HE``), every other key as ``key=value`` under its last dotted part, or its whole
+    dotted name where two keys share that part (``optim.lr=0.001, data.height=64``)."""
     keys = [k for k in configs[0] if any(c.get(k) != configs[0][k] for c in configs)] if len(configs) > 1 else []
     keys += [k for c in configs[1:] for k in c if k not in configs[0] and k not in keys]
     if not keys:
-        keys = ["loss.name", "framework.name"]
+        keys = list(NAME_KEYS)
+    named = [k for k in NAME_KEYS if k in keys]
+    others = [k for k in keys if k not in NAME_KEYS]
+    tails = [k.rsplit(".", 1)[-1] for k in others]
+    short = {k: (t if tails.count(t) == 1 else k) for k, t in zip(others, tails)}
     out = []
     for config in configs:
-        text = ", ".join(f"{k.split('.')[-1]}={config.get(k)}" for k in keys if k in config)
-        out.append(text if len(text) <= 90 else text[:87] + "...")
+        parts = []
+        names = [_value_name(config[k]) for k in named if k in config]
+        if names:
+            parts.append(" + ".join(names))
+        parts.extend(f"{short[k]}={_value_text(config[k])}" for k in others if k in config)
+        out.append(_wrap(", ".join(parts)))
     return out
+
+
+def _value_name(value: object) -> str:
+    return VALUE_NAMES.get(str(value), str(value))
+
+
+def _value_text(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _wrap(text: str) -> str:
+    """Break a long label at ", " so that no line exceeds :data:`LABEL_WIDTH` characters (if it can)."""
+    lines: list[str] = []
+    for part in text.split(", "):
+        if lines and len(lines[-1]) + 2 + len(part) <= LABEL_WIDTH:
+            lines[-1] += ", " + part
+        else:
+            lines.append(part)
+    return ",\n".join(lines)
 
 
 def _cmc(text: object) -> list[float] | None:
