@@ -190,7 +190,7 @@ def callback_costs(trial_count: int, root: Path) -> dict[str, float]:
     storage = StudyStorage(root, f"callbacks-{trial_count}")
     info = TrialInfo(space.base, space.searched_keys)
     callbacks = {"results.csv": ResultsCsv(storage, storage.name, info),
-                 "tensorboard": TensorBoardHParams(storage, info),
+                 "tensorboard": TensorBoardHParams(storage, info, space),
                  "console": Progress(info, "mAP", trial_count, stream=io.StringIO())}
     for cb in callbacks.values():
         cb.setup()

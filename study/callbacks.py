@@ -23,8 +23,9 @@ from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from reid_core.config import flatten
+from study.hparams import experiment_summary, hparam_keys, run_name
 from study.preflight import TRIAL_ERROR_KEY
-from study.space import trial_config
+from study.space import SearchSpace, trial_config
 from study.storage import StudyStorage
 from study.trainable import trial_params
 
@@ -34,8 +35,6 @@ FIXED_COLUMNS = ("study", "trial_id", "status", "epochs",
                  "best_epoch", "cmc", "searched", "skipped_images", "error")
 RESULTS_FILE = "results.csv"
 TENSORBOARD_DIR = "tensorboard"
-# Keys always shown as hyperparameters in TensorBoard besides the searched ones.
-HPARAM_KEYS = ("data.dataset", "loss.name", "framework.name", "train.seed")
 # results.csv is rewritten for epoch results at most this often (seconds); trial starts and ends at once.
 CSV_WRITE_PERIOD_S = 2.0
 # TensorBoard event files of running trials reach the disk at most this many seconds late (the writer's
@@ -138,10 +137,6 @@ class TrialInfo:
     def epochs(self, trial: Trial) -> int:
         """The trial's budget (``train.epochs``)."""
         return int(self.flat(trial)["train.epochs"])
-
-    def hparams(self, trial: Trial) -> dict[str, Any]:
-        flat = self.flat(trial)
-        return {key: flat[key] for key in dict.fromkeys([*self.searched, *HPARAM_KEYS])}
 
 
 def session_end_summary(success: bool) -> Any:
@@ -327,13 +322,18 @@ class ResultsCsv(Callback):
 
 
 class TensorBoardHParams(Callback):
-    """Per trial ``tensorboard/<trial_id>/``: per-epoch scalars (training metrics under their own names,
-    evaluations under ``eval/``, the best so far under ``best/``; x axis: epochs) and the HParams plugin's
-    session start/end records in the same run, so that TensorBoard's HPARAMS tab compares trials."""
+    """Per trial ``tensorboard/<run name>/`` (:func:`study.hparams.run_name`: ``003 lr=0.001 name=he``):
+    per-epoch scalars (training metrics under their own names, evaluations under ``eval/``, the best so far
+    under ``best/``; x axis: epochs) and the HParams plugin's session start/end records in the same run;
+    ``tensorboard/`` itself holds the experiment summary (:func:`study.hparams.experiment_summary`), so that
+    TensorBoard's HPARAMS tab compares trials by their searched values and mAP."""
 
-    def __init__(self, storage: StudyStorage, info: TrialInfo) -> None:
+    def __init__(self, storage: StudyStorage, info: TrialInfo, space: SearchSpace) -> None:
         self.storage = storage
         self.info = info
+        self.space = space
+        self.keys = hparam_keys(space)
+        self.runs: dict[str, str] = {}  # Tune trial id -> run folder name
         self._writers: dict[str, Any] = {}
         self._flushed: dict[str, float] = {}
 
@@ -343,6 +343,31 @@ class TensorBoardHParams(Callback):
         state["_flushed"] = {}
         return state
 
+    def get_state(self) -> dict | None:
+        return {"runs": self.runs}
+
+    def set_state(self, state: dict) -> None:
+        self.runs = dict(state["runs"])
+
+    def setup(self, **info: Any) -> None:
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        if not any(self.storage.path(TENSORBOARD_DIR).glob("events.out.tfevents.*")):
+            writer = EventFileWriter(str(self.storage.path(TENSORBOARD_DIR)))
+            _add_summary(writer, experiment_summary(self.space))
+            writer.close()
+            self.storage.upload(TENSORBOARD_DIR)
+
+    def run(self, trial: Trial) -> str:
+        """The trial's run folder name (numbered in the order trials start)."""
+        if trial.trial_id not in self.runs:
+            self.runs[trial.trial_id] = run_name(len(self.runs) + 1, self.hparams(trial))
+        return self.runs[trial.trial_id]
+
+    def hparams(self, trial: Trial) -> dict[str, Any]:
+        flat = self.info.flat(trial)
+        return {key: flat[key] for key in self.keys}
+
     def _writer(self, trial: Trial) -> Any:
         """The trial's event file writer (TensorBoard's own: it queues events for a background thread, so
         adding one costs microseconds; torch's SummaryWriter would cost about 1 ms per scalar)."""
@@ -351,16 +376,16 @@ class TensorBoardHParams(Callback):
             from tensorboard.plugins.hparams import summary_v2
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            writer = EventFileWriter(str(self.storage.path(f"{TENSORBOARD_DIR}/{trial.trial_id}")),
+            writer = EventFileWriter(str(self.storage.path(f"{TENSORBOARD_DIR}/{self.run(trial)}")),
                                      flush_secs=TB_FLUSH_PERIOD_S)
-            _add_summary(writer, summary_v2.hparams_pb(self.info.hparams(trial), trial_id=trial.trial_id,
+            _add_summary(writer, summary_v2.hparams_pb(self.hparams(trial), trial_id=self.run(trial),
                                                        start_time_secs=time.time()))
             self._writers[trial.trial_id] = writer
         return writer
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._writer(trial).flush()
-        self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
+        self.storage.upload(f"{TENSORBOARD_DIR}/{self.run(trial)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
         """All of an epoch's scalars go in one event (one summary with a value per tag)."""
@@ -391,7 +416,7 @@ class TensorBoardHParams(Callback):
         if self.storage.remote and now - self._flushed.get(trial.trial_id, -math.inf) >= TB_FLUSH_PERIOD_S:
             writer.flush()  # a remote copy needs the events on disk first
             self._flushed[trial.trial_id] = now
-            self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
+            self.storage.upload(f"{TENSORBOARD_DIR}/{self.run(trial)}")
 
     def _end(self, trial: Trial, success: bool) -> None:
         writer = self._writer(trial)
@@ -399,7 +424,7 @@ class TensorBoardHParams(Callback):
         writer.close()
         del self._writers[trial.trial_id]
         self._flushed.pop(trial.trial_id, None)
-        self.storage.upload(f"{TENSORBOARD_DIR}/{trial.trial_id}")
+        self.storage.upload(f"{TENSORBOARD_DIR}/{self.run(trial)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self._end(trial, not (trial.last_result or {}).get(TRIAL_ERROR_KEY))

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU training with gloo)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
     p.add_argument("--address", help="an existing Ray cluster (e.g. auto, 10.0.0.1:6379); default: start a local one")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="SQLAlchemy URL of the Optuna record (postgresql://user@host/db); default: "
+                        "sqlite:///<study folder>/optuna.db")
     p.add_argument("--resume", action="store_true",
                    help="resume the study in <storage>/<name> without re-running finished trials (may take a "
                         "corrected --data-root; the searched space stays as it was started)")
@@ -236,12 +239,14 @@ def trial_retries(space: SearchSpace) -> int:
 
 def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, address: str | None,
               extra_callbacks: Sequence[Any] = (), checked: Preflight | None = None,
-              study_file: dict[str, Any] | None = None, resume_command: str = "") -> int:
+              study_file: dict[str, Any] | None = None, resume_command: str = "",
+              optuna_url: str | None = None) -> int:
     """Run (or resume) the study; prints progress and the final table. Returns the exit status: 0 when
     every trial ran to its end, 1 when some failed, 2 when every trial failed on the same deterministic
     error, 130 when interrupted (Ctrl-C). ``extra_callbacks``: more Tune callbacks for a new study
     (benchmarks time trials with one). ``checked``: the driver's preflight (run here when None; datasets
-    it left to the cluster are read now). ``study_file``: written as study.json once Ray is up."""
+    it left to the cluster are read now). ``study_file``: written as study.json once Ray is up.
+    ``optuna_url``: the Optuna record's SQLAlchemy URL (default: ``optuna.db`` in the study folder)."""
     import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -250,6 +255,7 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
     from study.callbacks import (SAME_ERROR_TRIALS, NoRetryOnTrialError, Progress, ResultsCsv, SameErrorStopper,
                                  TensorBoardHParams, TrialInfo)
     from study.nodes import check_storage_visible
+    from study.optuna_record import OPTUNA_DB, OptunaRecorder
     from study.searcher import StudySearcher
     from study.trainable import TrialSetup, make_trainable
 
@@ -289,9 +295,12 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
         else:
             info = TrialInfo(space.base, space.searched_keys)
             total = space.total_trials()
+            record = optuna_record(space, storage, optuna_url)
+            record.create(space.cells())
             callbacks = [NoRetryOnTrialError(), ResultsCsv(storage, storage.name, info),
-                         TensorBoardHParams(storage, info), Progress(info, space.metric, total), CSVLoggerCallback(),
-                         JsonLoggerCallback(), *extra_callbacks]
+                         TensorBoardHParams(storage, info, space), OptunaRecorder(record, space.metric, info.epochs),
+                         Progress(info, space.metric, total), CSVLoggerCallback(), JsonLoggerCallback(),
+                         *extra_callbacks]
             if space.scheduler.type == "asha":
                 scheduler = ASHAScheduler(time_attr="epoch", max_t=space.epochs,
                                           grace_period=space.scheduler.grace_epochs,
@@ -300,7 +309,7 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
                 scheduler = FIFOScheduler()
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=StudySearcher(space),
+                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=StudySearcher(space, record),
                                             scheduler=scheduler, num_samples=total,
                                             max_concurrent_trials=r.max_concurrent, reuse_actors=setup.in_process),
                 run_config=tune.RunConfig(name=storage.name, storage_path=storage.root, callbacks=callbacks,
@@ -310,16 +319,19 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
                                           verbose=0),
             )
         tuner.fit()
+        if storage.path(OPTUNA_DB).is_file():
+            storage.upload(OPTUNA_DB)
         outcome = study_outcome(storage, space.total_trials())
-        print_summary(space, storage, time.time() - started, outcome)
+        print_summary(space, storage, time.time() - started, outcome, optuna_url)
+        record = optuna_record(space, storage, optuna_url)
         if outcome.interrupted:
             write_report(storage, partial=f"partial: {outcome.finished} of {outcome.total} trials finished "
-                                          f"(interrupted); resume with: {resume_command}")
+                                          f"(interrupted); resume with: {resume_command}", record=record)
             print(f"interrupted: {outcome.finished} of {outcome.total} trials finished; resume with: "
                   f"{resume_command}", file=sys.stderr, flush=True)
             return 130
         write_report(storage, partial="" if outcome.complete else
-                     f"partial: {outcome.finished} of {outcome.total} trials ran to their end")
+                     f"partial: {outcome.finished} of {outcome.total} trials ran to their end", record=record)
         if outcome.same_error:
             print(f"error: every trial failed the same way, the study stopped: {outcome.same_error}",
                   file=sys.stderr, flush=True)
@@ -382,7 +394,17 @@ def study_outcome(storage: StudyStorage, total: int) -> Outcome:
     return out
 
 
-def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, outcome: Outcome | None = None) -> None:
+def optuna_record(space: SearchSpace, storage: StudyStorage, url: str | None) -> Any:
+    """The study's Optuna record (``url``: SQLAlchemy URL; default ``optuna.db`` in the study folder)."""
+    from study.optuna_record import OptunaRecord, default_url, study_names
+
+    if not url:
+        storage.local.mkdir(parents=True, exist_ok=True)
+    return OptunaRecord(url or default_url(storage.local), study_names(space, storage.name), space.mode)
+
+
+def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, outcome: Outcome | None = None,
+                  optuna_url: str | None = None) -> None:
     import pandas as pd
 
     from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR
@@ -414,13 +436,15 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, out
     print(f"\nresults table : {storage.location(RESULTS_FILE)}")
     print(f"TensorBoard   : {storage.location(TENSORBOARD_DIR)}   (tensorboard --logdir {storage.location(TENSORBOARD_DIR)})")
     print(f"Tune folder   : {storage.uri}   (trials, checkpoints; resume with --resume)")
+    print(f"Optuna record : optuna-dashboard {optuna_record(space, storage, optuna_url).url}")
     if storage.remote:
         print(f"local copy    : {storage.local}")
 
 
-def write_report(storage: StudyStorage, partial: str = "") -> None:
+def write_report(storage: StudyStorage, partial: str = "", record: Any = None) -> None:
     """``study.results.write_report`` (results.md and plots) when that module is present. ``partial``:
-    a line that heads results.md when not every trial finished."""
+    a line that heads results.md when not every trial finished. ``record``: the study's Optuna record,
+    whose parameter importances are appended."""
     try:
         from study.results import write_report as report
     except ModuleNotFoundError as exc:
@@ -430,6 +454,10 @@ def write_report(storage: StudyStorage, partial: str = "") -> None:
         raise
     try:
         path = report(storage.local)
+        if record is not None:
+            from study.importance import append_importances
+
+            append_importances(record, path)
     except Exception:  # the study itself succeeded: report the failure loudly and keep the exit status
         traceback.print_exc()
         print(f"results.md NOT written: study.results.write_report({storage.local}) failed (traceback above)",
@@ -567,6 +595,39 @@ def load_for_run(args: argparse.Namespace) -> tuple[SearchSpace, StudyStorage, d
                             "resources": _resources(args)}
 
 
+def check_optuna_storage(args: argparse.Namespace, space: SearchSpace, storage: StudyStorage,
+                         study_file: dict[str, Any], replaced: bool = False) -> str | None:
+    """The Optuna storage URL of the study (None: the default SQLite file in the study folder), reachable,
+    and holding this study's Optuna studies exactly when resuming. ``replaced``: the study folder was just
+    replaced (``--restart``, or a study with no finished trial), so its Optuna studies go too. The URL is
+    recorded in ``study_file`` (study.json), where ``--resume`` finds it."""
+    from study.optuna_record import OPTUNA_DB
+
+    url = args.optuna_storage
+    if args.resume:
+        saved = study_file.get("optuna_storage")
+        if url and saved and url != saved:
+            raise SpaceError(f"this study records its Optuna trials in {saved}; resume it without "
+                             f"--optuna-storage or with that URL")
+        url = url or saved
+    study_file["optuna_storage"] = url
+    if not url and not storage.path(OPTUNA_DB).is_file():
+        return url  # the default SQLite file, not made yet: nothing to open (nor to leave behind)
+    record = optuna_record(space, storage, url)
+    try:
+        existing = record.existing()
+    except Exception as exc:  # SQLAlchemy: bad URL, no driver, server unreachable, no such database
+        reason = getattr(exc, "orig", None) or exc  # the database driver's own message, when there is one
+        detail = " ".join(line.strip() for line in str(reason).splitlines() if line.strip())
+        raise SpaceError(f"cannot open the Optuna storage {record.url}: {type(reason).__name__}: {detail}") from exc
+    if existing and not args.resume:
+        if not replaced:
+            raise SpaceError(f"the Optuna storage {record.url} already holds the study {existing[0]!r}: pass "
+                             f"--resume to carry it on, or --name for a new one")
+        record.delete(existing)
+    return url
+
+
 def _space_name(name_or_path: str) -> str:
     raw = yaml.safe_load(resolve_path(name_or_path).read_text())
     return raw.get("name") if isinstance(raw, dict) and raw.get("name") else Path(name_or_path).stem
@@ -581,13 +642,14 @@ def resume_command(args: argparse.Namespace, storage: StudyStorage) -> str:
     return shlex.join(words)
 
 
-def replace_unfinished(storage: StudyStorage, restart: bool) -> None:
+def replace_unfinished(storage: StudyStorage, restart: bool) -> bool:
     """A study folder already there is replaced when none of its trials finished (a failed start, or
-    every trial failed) or with --restart; else it is an error pointing at --resume."""
+    every trial failed) or with --restart; else it is an error pointing at --resume. Returns whether
+    one was replaced."""
     from study.callbacks import RESULTS_FILE
 
     if not storage.exists():
-        return
+        return False
     finished = 0
     text = storage.read_text(RESULTS_FILE)
     if text:
@@ -598,6 +660,7 @@ def replace_unfinished(storage: StudyStorage, restart: bool) -> None:
                          f"--resume to carry it on, --restart to replace it, or --name / --storage for a new one")
     print(f"replacing the study in {storage.uri} ({finished} finished trial(s))", flush=True)
     storage.remove()
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -606,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume and args.restart:
             raise SpaceError("--resume and --restart exclude each other")
         check_name(args.name)
-        space, storage, record = load_for_run(args)
+        space, storage, study_file = load_for_run(args)
         check_data(space)
         trials = validate_plan(space)
         checked = run_preflight(space, generate=not args.dry_run, trials=trials,
@@ -629,9 +692,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SpaceError(f"{storage.uri} holds no Tune experiment to resume (no trial ever started): "
                                  f"start it again without --resume")
         else:
-            replace_unfinished(storage, args.restart)
+            replaced = replace_unfinished(storage, args.restart)
+        optuna_url = check_optuna_storage(args, space, storage, study_file, replaced=not args.resume and replaced)
         return run_study(space, storage, resume=args.resume, address=args.address, checked=checked,
-                         study_file=record, resume_command=resume_command(args, storage))
+                         study_file=study_file, resume_command=resume_command(args, storage), optuna_url=optuna_url)
     except (SpaceError, PreflightError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

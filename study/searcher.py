@@ -1,89 +1,112 @@
-"""The Tune searcher of a study: an explicit plan (grid / seeded random) or Optuna TPE per grid cell.
+"""The Tune searcher of a study: an explicit plan (grid / seeded random) or Optuna TPE per grid cell,
+every trial recorded in the study's Optuna storage (:mod:`study.optuna_record`).
 
-Trial configs are flat ``{dotted config key: value}`` dicts (plus the index of a bundle parameter's value
-under the bundle's name when Optuna chose it). With the Optuna searcher every grid cell (a combination
-of ``grid`` values and seeds) gets its own seeded TPE search of ``num_samples`` trials, so that for
-instance the best ``loss.k`` is found separately for the baseline and for MoReID.
+Trial configs are flat ``{dotted config key: value}`` dicts plus ``cell`` (the grid cell's index). With the
+Optuna searcher every grid cell (a combination of ``grid`` values and seeds) gets its own seeded TPE
+search of ``num_samples`` trials, so that for instance the best ``loss.k`` is found separately for the
+baseline and for MoReID. Optuna is asked directly (``study.ask()`` and the space's define-by-run
+``sample``) rather than through Ray's ``OptunaSearch``, which tells Optuna COMPLETE with the truncated
+score for a trial ASHA stopped; here the searcher only creates trials and
+:class:`study.optuna_record.OptunaRecorder` writes their outcome (PRUNED for early stops), which TPE
+then reads from the storage.
 """
 from __future__ import annotations
 
-import pickle
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
-from study.space import SearchSpace, plan
+from reid_core.config import flatten
+from study.optuna_record import (CELL_KEY, PLAN_INDEX_ATTR, TUNE_ID_ATTR, OptunaRecord, grid_distributions,
+                                 param_value)
+from study.space import SearchSpace, plan, trial_config
 
-CELL_KEY = "cell"  # index of the grid cell, kept in each trial's config
-
-
-class CellSpace:
-    """Define-by-run function of one grid cell (a picklable callable for :class:`OptunaSearch`)."""
-
-    def __init__(self, space: SearchSpace, cell: Mapping[str, Any]) -> None:
-        self.space = space
-        self.cell = dict(cell)
-
-    def __call__(self, trial: Any) -> dict[str, Any]:
-        return self.space.sample(trial, self.cell)
+__all__ = ["CELL_KEY", "StudySearcher"]
 
 
 class StudySearcher(Searcher):
     """Suggests the study's trials; ``Searcher.FINISHED`` once every planned trial has been handed out."""
 
-    def __init__(self, space: SearchSpace, startup_trials: int = 10) -> None:
+    def __init__(self, space: SearchSpace, record: OptunaRecord, startup_trials: int = 10) -> None:
         super().__init__(metric=space.metric, mode=space.mode)
         self.space = space
-        self.bundle_names = {p.name for p in space.params if p.bundle}
-        self.trial_cell: dict[str, int] = {}
+        self.record = record
+        self.cells = space.cells()
+        self.trial_cell: dict[str, int] = {}  # Tune trial id -> cell
         if space.searcher == "optuna":
-            self.cells = space.cells()
             self.counts = [0] * len(self.cells)
-            self.optuna = [
-                OptunaSearch(space=CellSpace(space, cell), metric=space.metric, mode=space.mode,
-                             sampler=optuna.samplers.TPESampler(seed=space.searcher_seed + index,
-                                                                n_startup_trials=startup_trials))
-                for index, cell in enumerate(self.cells)]
+            self.samplers = [optuna.samplers.TPESampler(seed=space.searcher_seed + index,
+                                                        n_startup_trials=startup_trials)
+                             for index in range(len(self.cells))]
             self.queue: list[tuple[int, dict[str, Any]]] = []
         else:
             self.queue = [(t.cell, t.params) for t in plan(space)]
-            self.optuna = []
+            self.samplers = []
+            self.flat = [flatten(trial_config(space.base, params)) for _, params in self.queue]
+            self.distributions = grid_distributions(space, self.flat)
         self.next_index = 0
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if not self.optuna:
+        if not self.samplers:
             if self.next_index >= len(self.queue):
                 return Searcher.FINISHED
-            cell, params = self.queue[self.next_index]
+            index = self.next_index
             self.next_index += 1
+            cell, params = self.queue[index]
+            self._record_planned(trial_id, cell, index)
             self.trial_cell[trial_id] = cell
             return {**params, CELL_KEY: cell}
         open_cells = [i for i, n in enumerate(self.counts) if n < self.space.num_samples]
         if not open_cells:
             return Searcher.FINISHED
         cell = min(open_cells, key=lambda i: (self.counts[i], i))
-        suggested = self.optuna[cell].suggest(trial_id)
-        if suggested is None:
-            return None
+        params = self._sample(trial_id, cell)
         self.counts[cell] += 1
         self.trial_cell[trial_id] = cell
-        params = {k: v for k, v in suggested.items() if k not in self.bundle_names}
         return {**self.cells[cell], **params, CELL_KEY: cell}
 
+    def _sample(self, trial_id: str, cell: int) -> dict[str, Any]:
+        """TPE's values for a new trial of ``cell``, or those of a trial the database holds from a driver
+        that died before Tune recorded it (adopted, so that no trial is sampled twice)."""
+        study = self.record.study(cell, self.samplers[cell])
+        orphans = self.record.orphans(cell, self.trial_cell)
+        if orphans:
+            self.record.set_attr(orphans[0], TUNE_ID_ATTR, trial_id)
+            return self.space.sample(optuna.trial.FixedTrial(orphans[0].params), self.cells[cell])
+        trial = study.ask()
+        trial.set_user_attr(TUNE_ID_ATTR, trial_id)
+        try:
+            return self.space.sample(trial, self.cells[cell])
+        except Exception:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+
+    def _record_planned(self, trial_id: str, cell: int, index: int) -> None:
+        """A grid / random trial: its searched values as a fixed-params Optuna trial (adopted when a
+        previous driver already created it)."""
+        for orphan in self.record.orphans(cell, self.trial_cell):
+            if orphan.user_attrs.get(PLAN_INDEX_ATTR) == index:
+                self.record.set_attr(orphan, TUNE_ID_ATTR, trial_id)
+                return
+        params = {key: param_value(self.flat[index][key]) for key in self.distributions}
+        self.record.add_running(cell, params, self.distributions, {TUNE_ID_ATTR: trial_id, PLAN_INDEX_ATTR: index})
+
+    # Outcomes are written by study.optuna_record.OptunaRecorder (a Tune callback): nothing to do here.
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.optuna and trial_id in self.trial_cell and self.metric in result:
-            self.optuna[self.trial_cell[trial_id]].on_trial_result(trial_id, result)
+        pass
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if self.optuna and trial_id in self.trial_cell:
-            self.optuna[self.trial_cell[trial_id]].on_trial_complete(trial_id, result, error)
+        pass
 
     def save(self, checkpoint_path: str) -> None:
+        import pickle
+
         with open(checkpoint_path, "wb") as fh:
             pickle.dump(self.__dict__.copy(), fh)
 
     def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
         with open(checkpoint_path, "rb") as fh:
             self.__dict__.update(pickle.load(fh))

@@ -67,6 +67,9 @@ class Session(Protocol):
     def checkpoints(self) -> list[Any]:  # ray Checkpoints to resume from, preferred first
         ...
 
+    def is_registered(self, checkpoint: Any) -> bool:  # whether Ray knew it (else its result may be lost)
+        ...
+
     def report(self, result: dict[str, Any], folder: Path | None) -> None:
         ...
 
@@ -84,16 +87,20 @@ class TuneSession:
 
     def __init__(self, trial_folder: str | None = None) -> None:
         self.trial_folder = trial_folder
+        self.registered: Any = None
 
     def checkpoints(self) -> list[Any]:
         from ray import tune
 
-        registered = tune.get_checkpoint()
+        self.registered = tune.get_checkpoint()
         found = persisted_checkpoints(self.trial_folder) if self.trial_folder else []
-        if registered is not None:
-            newer = [c for c in found if _checkpoint_index(c.path) > _checkpoint_index(registered.path)]
-            return newer + [registered]
+        if self.registered is not None:
+            newer = [c for c in found if _checkpoint_index(c.path) > _checkpoint_index(self.registered.path)]
+            return newer + [self.registered]
         return found
+
+    def is_registered(self, checkpoint: Any) -> bool:
+        return self.registered is not None and checkpoint.path == self.registered.path
 
     def report(self, result: dict[str, Any], folder: Path | None) -> None:
         from ray import tune
@@ -118,6 +125,9 @@ class TrainSession:
 
         checkpoint = ray.train.get_checkpoint()
         return [checkpoint] if checkpoint is not None else []
+
+    def is_registered(self, checkpoint: Any) -> bool:
+        return True  # Train's own snapshot in the trial folder: written before its report reaches Tune
 
     def report(self, result: dict[str, Any], folder: Path | None) -> None:
         import ray.train
@@ -295,10 +305,11 @@ def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> 
              "build_s": built - imported, "restore_s": time.perf_counter() - built}
     checkpoint_s = report_s = 0.0
     try:
-        if start_epoch >= cfg.train.epochs:
-            # The run had finished before its driver went away: report its final result once more, so
-            # that Tune (which may not have recorded the last epochs) ends the trial with it.
-            # Same keys in the same order as its other results (Tune's progress.csv keeps its first header).
+        if start_epoch > 0 and (start_epoch >= cfg.train.epochs or not session.is_registered(checkpoints[0])):
+            # The run had finished before its driver went away, or its driver died before it took the result
+            # of the checkpoint resumed from: report that result once more, so that Tune (and the study's
+            # record) has every epoch and a finished run ends with it. Same keys in the same order as the
+            # other results (Tune's progress.csv keeps its first header).
             final = result_of({"epoch": trainer.epoch}, state, start_epoch, world)
             session.report({**saved_result, **final} if saved_result else final, None)
         while trainer.epoch < cfg.train.epochs:

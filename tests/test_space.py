@@ -11,6 +11,7 @@ import yaml
 
 from reid_core.data import synthetic
 from study import run
+from study.optuna_record import OptunaRecord, default_url, study_names
 from study.searcher import CELL_KEY, StudySearcher
 from study.space import SPACES_DIR, SpaceError, load_space, parse_space, plan, validate_plan
 
@@ -204,39 +205,53 @@ def test_asha_rungs_are_evaluation_epochs():
     assert space.epochs == 9 and space.scheduler.milestones() == [1, 2, 4, 8]
 
 
-def test_optuna_searcher_runs_one_seeded_tpe_search_per_cell():
+def _record(space, folder: Path, name: str = "s") -> OptunaRecord:
+    """The study's Optuna record in a SQLite file under ``folder``, its studies created."""
+    record = OptunaRecord(default_url(folder / name), study_names(space, name), space.mode)
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    record.create(space.cells())
+    return record
+
+
+def test_optuna_searcher_runs_one_seeded_tpe_search_per_cell(tmp_path):
     space = parse_space(small(num_samples=5))
-    searcher = StudySearcher(space, startup_trials=2)
+    record = _record(space, tmp_path)
+    searcher = StudySearcher(space, record, startup_trials=2)
     configs = []
     for i in range(10):
         config = searcher.suggest(f"t{i}")
         assert isinstance(config, dict)
         configs.append(config)
-        # A real completion, so that TPE leaves its random start-up phase.
-        searcher.on_trial_complete(f"t{i}", {"mAP": 100 * config["loss.beta"] / config["loss.alpha"],
-                                             "training_iteration": 1, "epoch": 1})
+        # A real completion (what the driver's OptunaRecorder writes), so that TPE leaves its start-up phase.
+        cell = config[CELL_KEY]
+        record.finish(cell, record.find(cell, f"t{i}"), optuna.trial.TrialState.COMPLETE,
+                      100 * config["loss.beta"] / config["loss.alpha"])
     assert searcher.suggest("t10") == StudySearcher.FINISHED
     assert sorted(c[CELL_KEY] for c in configs) == [0] * 5 + [1] * 5
     assert {c["framework.name"] for c in configs if c[CELL_KEY] == 0} == {"baseline"}
     for config in configs:
         assert 0.2 <= config["loss.beta"] < config["loss.alpha"] <= 2.0
-    studies = [o._ot_study for o in searcher.optuna]
-    assert all(len(s.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 5 for s in studies)
+    for cell in (0, 1):
+        assert [t.state for t in record.trials(cell)] == [optuna.trial.TrialState.COMPLETE] * 5
     # Same seed, same proposals.
-    again = StudySearcher(parse_space(small(num_samples=5)), startup_trials=2)
+    again_space = parse_space(small(num_samples=5))
+    again = StudySearcher(again_space, _record(again_space, tmp_path, "again"), startup_trials=2)
     first = again.suggest("x")
     assert math.isclose(first["loss.alpha"], configs[0]["loss.alpha"])
 
 
 def test_plan_searcher_hands_out_the_plan_then_finishes(tmp_path):
     space = load_space("quickstart")
-    searcher = StudySearcher(space)
+    record = _record(space, tmp_path)
+    searcher = StudySearcher(space, record)
     seen = [searcher.suggest(f"t{i}") for i in range(8)]
     assert searcher.suggest("t8") == StudySearcher.FINISHED
     assert [(c["loss.name"], c["framework.name"]) for c in seen[:2]] == [("triplet", "baseline"), ("triplet", "moreid")]
+    # Grid trials are recorded too: one fixed-parameter RUNNING trial each, tied to its Tune trial.
+    assert [t.user_attrs["tune_trial_id"] for t in record.trials(0)] == [f"t{i}" for i in range(8)]
     path = tmp_path / "searcher.pkl"
     searcher.save(str(path))
-    restored = StudySearcher(space)
+    restored = StudySearcher(space, record)
     restored.restore(str(path))
     assert restored.suggest("t9") == StudySearcher.FINISHED
 

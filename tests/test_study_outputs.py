@@ -14,6 +14,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 
 from reid_core.config import Config, flatten
 from study.callbacks import FIXED_COLUMNS, RESULTS_FILE, Progress, ResultsCsv, TensorBoardHParams, TrialInfo
+from study.hparams import run_name
 from study.results.load import read_results
 from study.space import load_space
 from study.storage import StudyStorage
@@ -95,7 +96,8 @@ def test_results_csv_rows_statuses_and_columns(setup):
 
 def test_tensorboard_scalars_and_hparams_in_one_run_per_trial(setup):
     space, info, storage, (a, b, _) = setup
-    cb = TensorBoardHParams(storage, info)
+    cb = TensorBoardHParams(storage, info, space)
+    cb.setup()
     for trial, values in ((a, [(1, 1, 5.0), (2, 2, 9.0)]), (b, [(1, 1, 3.0)])):
         cb.on_trial_start(0, [], trial)
         for epoch, evaluated, mAP in values:
@@ -103,9 +105,22 @@ def test_tensorboard_scalars_and_hparams_in_one_run_per_trial(setup):
     cb.on_trial_complete(0, [], a)
     cb.on_trial_error(0, [], b)
 
-    runs = sorted(p.name for p in storage.path("tensorboard").iterdir())
-    assert runs == ["t0", "t1"]
-    acc = EventAccumulator(str(storage.path("tensorboard/t0")))
+    # Readable run names, numbered in start order; the experiment summary in the folder itself.
+    first, second = "001 loss.name=he normalize=False framework.name=moreid", \
+        "002 loss.name=triplet normalize=False framework.name=baseline"
+    runs = sorted(p.name for p in storage.path("tensorboard").iterdir() if p.is_dir())
+    assert runs == [first, second]
+    root = EventAccumulator(str(storage.path("tensorboard")))
+    root.Reload()
+    experiment = metadata.parse_experiment_plugin_data(
+        root.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.EXPERIMENT_TAG])
+    assert [m.name.tag for m in experiment.metric_infos][:2] == ["eval/mAP", "best/mAP"]
+    assert [h.name for h in experiment.hparam_infos] == ["loss.name", "loss.normalize", "framework.name"]
+    assert list(experiment.hparam_infos[0].domain_discrete) and \
+        {v.string_value for v in experiment.hparam_infos[0].domain_discrete.values} == \
+        {"triplet", "npair", "ranked_list", "he"}
+    assert run_name(12, {"optim.lr": 1e-3, "loss.name": "a/b"}) == "012 lr=0.001 name=a-b"
+    acc = EventAccumulator(str(storage.path(f"tensorboard/{first}")))
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     assert {"eval/mAP", "eval/R1", "eval/mINP", "best/mAP", "loss/total", "lr", "hard/neg"} <= scalars
@@ -117,10 +132,10 @@ def test_tensorboard_scalars_and_hparams_in_one_run_per_trial(setup):
     assert hparams["loss.name"].string_value == "he"
     assert hparams["framework.name"].string_value == "moreid"
     assert hparams["loss.normalize"].bool_value is False
-    assert hparams["train.seed"].number_value == 0
+    assert "train.seed" not in hparams and "data.dataset" not in hparams  # constant: not a column
     end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
     assert end.status == api_pb2.STATUS_SUCCESS
-    acc_b = EventAccumulator(str(storage.path("tensorboard/t1")))
+    acc_b = EventAccumulator(str(storage.path(f"tensorboard/{second}")))
     acc_b.Reload()
     end_b = metadata.parse_session_end_info_plugin_data(
         acc_b.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_END_INFO_TAG])

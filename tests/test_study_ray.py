@@ -23,9 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from study import run
 from study.callbacks import FIXED_COLUMNS
@@ -103,7 +105,9 @@ def test_asha_stops_trials_early_and_later_trials_still_start(tmp_path, capsys):
     assert sorted(float(r["optim.lr"]) for r in rows) == sorted(lrs)
     assert all(r["final_mAP"] and 0 <= float(r["best_mAP"]) <= 100 for r in rows)
     assert list(rows[0])[:len(FIXED_COLUMNS)] == list(FIXED_COLUMNS)
-    assert len(list((study / "tensorboard").iterdir())) == 4
+    runs = [p for p in (study / "tensorboard").iterdir() if p.is_dir()]
+    assert len(runs) == 4 and all(p.name[:3].isdigit() for p in runs)  # one readable run per trial
+    assert list((study / "tensorboard").glob("events.out.tfevents.*"))  # and the HParams experiment summary
     assert "stopped early by the scheduler at epoch 1" in out
     assert "results table" in out and "tensorboard --logdir" in out
     assert (study / "results.md").is_file()
@@ -277,6 +281,9 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     first_id, second_id = before[0]["trial_id"], before[1]["trial_id"]
     first_progress = trial_progress(study, first_id)
     assert before[1]["status"] == "RUNNING"
+    record = optuna.load_study(study_name="resume", storage=f"sqlite:///{study}/optuna.db")
+    first_record = {t.user_attrs["tune_trial_id"]: t for t in record.get_trials()}[first_id]
+    assert first_record.state == TrialState.COMPLETE
 
     start = time.time()
     assert run.main([str(space), "--storage", str(tmp_path / "elsewhere"), "--resume"]) == 2  # nothing to resume
@@ -291,3 +298,11 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     # The interrupted trial carried on from its last checkpoint instead of starting over.
     second = trial_progress(study, second_id)
     assert second["start_epoch"].iloc[-1] >= 1 and second["epoch"].iloc[-1] == 3
+    # The Optuna record carried on: the same two trials (grid: fixed parameters), none RUNNING, no duplicate.
+    trials = optuna.load_study(study_name="resume", storage=f"sqlite:///{study}/optuna.db").get_trials()
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in trials}
+    assert len(trials) == 2 and set(by_tune) == {first_id, second_id}
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert by_tune[first_id].datetime_complete == first_record.datetime_complete  # not recorded twice
+    assert sorted(by_tune[second_id].intermediate_values) == [1, 2, 3]
+    assert {t.params["optim.lr"] for t in trials} == {1e-3, 3e-4}
