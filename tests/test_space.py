@@ -55,7 +55,8 @@ def test_fidelity_space_holds_every_claims_cells_with_three_seeds_in_the_methods
               c.get("loss.distance", "euclidean")) for c in space.cells()}
     for cell in (("moreid", "he", False, "euclidean"), ("moreid", "triplet", False, "euclidean"),
                  ("baseline", "he", False, "euclidean"), ("baseline", "triplet", False, "euclidean"),
-                 ("moreid", "he", True, "euclidean"), ("moreid", "he", False, "cosine")):
+                 ("moreid", "he", True, "euclidean"), ("moreid", "he", False, "cosine"),
+                 *((fw, loss, False, "euclidean") for fw in ("moreid", "baseline") for loss in ("npair", "ranked_list"))):
         assert cell in cells, cell
     base = space.base
     per_batch = base["data.batch_size"] // base["data.num_instance"]
