@@ -461,6 +461,7 @@ class Progress(Callback):
         self.finished = 0
         self._bar_drawn = False
         self.checkpointed: set[str] = set()  # trials with a checkpoint to retry from
+        self.ended: set[str] = set()  # trials whose end this callback has seen
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -484,8 +485,9 @@ class Progress(Callback):
 
     def bar(self, trials: list) -> str:
         """``[#####.....] 3/8 done, 2 running, 00:41 elapsed, ETA 01:05``."""
-        running = sum(1 for t in trials if t.status == Trial.RUNNING)
-        done = sum(1 for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR))
+        # Tune calls on_trial_complete / on_trial_error before it changes the trial's status
+        running = sum(1 for t in trials if t.status == Trial.RUNNING and t.trial_id not in self.ended)
+        done = sum(1 for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR) or t.trial_id in self.ended)
         partial = sum(min(1.0, e / max(1, self._budget(tid, trials))) for tid, e in self.epochs_done.items())
         fraction = min(1.0, (done + partial) / max(1, self.total))
         filled = int(round(fraction * self.BAR_WIDTH))
@@ -534,6 +536,7 @@ class Progress(Callback):
         if self.first_trial_at is None:
             self.first_trial_at = time.time()
         self.epochs_done.setdefault(trial.trial_id, 0)
+        self.ended.discard(trial.trial_id)  # a resumed errored trial runs again
         self._say(f"{trial.trial_id} started: {self._values(trial)}", trials, bar_inline=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
@@ -566,6 +569,7 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self.epochs_done.pop(trial.trial_id, None)
+        self.ended.add(trial.trial_id)
         result = trial.last_result or {}
         if result.get(TRIAL_ERROR_KEY):
             self._say(f"{trial.trial_id} ERROR: {result[TRIAL_ERROR_KEY]}", trials, bar_inline=True)
@@ -583,6 +587,7 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self.epochs_done.pop(trial.trial_id, None)
+        self.ended.add(trial.trial_id)
         self._say(f"{trial.trial_id} ERROR: {failure_reason(trial)}", trials, bar_inline=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:

@@ -516,6 +516,8 @@ def test_cmc_legend_names_framework_and_loss_and_disambiguates_keys():
     both = _labels([{"optim.lr": 0.001, "data.height": 64, "model.height": 3},
                     {"optim.lr": 0.003, "data.height": 32, "model.height": 4}])
     assert both[0] == "lr=0.001, data.height=64, model.height=3"  # two keys end in "height": full names
+    searched = _labels([{"optim.lr": 0.00392237}, {"optim.lr": 2.9332e-05}])
+    assert searched == ["lr=0.00392", "lr=2.93e-05"]  # three significant digits, not a sampled float's six
     long = _labels([{"framework.name": "moreid", **{f"loss.knob{i}": i for i in range(12)}},
                     {"framework.name": "baseline", **{f"loss.knob{i}": i + 1 for i in range(12)}}])
     assert all(len(line.rstrip(",")) <= 60 for label in long for line in label.split("\n"))  # wrapped, not cut

@@ -192,8 +192,7 @@ def test_progress_prints_one_line_per_trial_and_evaluation_with_a_study_bar(setu
     progress.on_trial_result(0, [a, b, c], a, {**result(1, 0, NAN, NAN, 0), "epoch_s": 2.0})  # not evaluated
     progress.on_trial_result(0, [a, b, c], a, {**result(2, 2, 12.5, 12.5, 2), "epoch_s": 2.5})
     a.update_last_result(result(3, 3, 11.0, 12.5, 2))
-    a.set_status(Trial.TERMINATED)
-    progress.on_trial_complete(0, [a, b, c], a)
+    progress.on_trial_complete(0, [a, b, c], a)  # Tune marks it TERMINATED after its callbacks ran
     lines = out.getvalue().splitlines()
     assert len(lines) == 4  # 2 starts, 1 evaluation (epoch 1 was not evaluated), 1 end
     assert "t0 started: loss.name=he" in lines[0] and "| [" in lines[0] and "0/3 done, 2 running" in lines[0]

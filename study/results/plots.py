@@ -223,7 +223,7 @@ def _value_name(value: object) -> str:
 
 
 def _value_text(value: object) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _wrap(text: str) -> str:
