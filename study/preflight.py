@@ -97,6 +97,7 @@ class DataFacts:
     unmatched_queries: int | None
     scan_s: float = 0.0
     warned_k: set[int] = field(default_factory=set)
+    read_on: str = ""  # the Ray node that read it, when the driver could not
 
     @property
     def train_ids(self) -> int:
@@ -108,7 +109,8 @@ class DataFacts:
                 f"identities, {self.queries} queries, {self.gallery} gallery images")
         if self.unmatched_queries:
             text += f"; {self.unmatched_queries} queries have no match in the gallery (skipped by the evaluation)"
-        return text + (f" (read in {self.scan_s:.2f} s)" if self.scan_s else "")
+        on = f" on worker node {self.read_on}" if self.read_on else ""
+        return text + (f" (read in {self.scan_s:.2f} s{on})" if self.scan_s else "")
 
 
 def facts_of(dataset: ReIDDataset, scan_s: float = 0.0) -> DataFacts:
@@ -157,10 +159,30 @@ def _check_listed_files(dataset: ReIDDataset) -> None:
                              f"under {dataset.root}, e.g. {missing[0]} (complete the images/ folder or fix the lists)")
 
 
-def scan_remote(name: str, root: str) -> tuple[Any, DataFacts]:
-    """Read a dataset the driver cannot see with one Ray task (no CPU reserved) on the cluster. Returns
-    the index (a Ray object reference, to hand to trials) and its facts. Call with Ray connected."""
+def reading_node() -> str | None:
+    """A node to read a dataset the driver cannot see: an alive node other than the driver's own (whose
+    processes share its view of the files), one that trains (has CPUs) first; None when there is none.
+    Left to Ray's default placement, a task that reserves no CPU runs on the driver's node."""
     import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    others.sort(key=lambda n: n.get("Resources", {}).get("CPU", 0) <= 0)
+    return others[0]["NodeID"] if others else None
+
+
+def scan_remote(name: str, root: str) -> tuple[Any, DataFacts]:
+    """Read a dataset the driver cannot see with one Ray task (no CPU reserved) on another node of the
+    cluster (:func:`reading_node`). Returns the index (a Ray object reference, to hand to trials) and its
+    facts. Call with Ray connected."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = reading_node()
+    if node is None:
+        raise PreflightError(f"{name}: folder not found: {root}, and the cluster has no node besides the "
+                             f"driver's to read it on (give --data-root a folder this machine sees)")
+    placed = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
     @ray.remote(num_cpus=0, max_retries=0)
     def read(name: str, root: str) -> ReIDDataset:
@@ -171,15 +193,16 @@ def scan_remote(name: str, root: str) -> tuple[Any, DataFacts]:
         return facts_of(dataset)
 
     began = time.perf_counter()
-    ref = read.remote(name, root)
+    ref = read.options(**placed).remote(name, root)
     try:
-        found = ray.get(facts.remote(ref))
+        found = ray.get(facts.options(**placed).remote(ref))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.as_instanceof_cause()
         if isinstance(cause, PreflightError):
             raise PreflightError(f"on a worker node: {_message(cause)}") from None
         raise
     found.scan_s = time.perf_counter() - began
+    found.read_on = node[:8]
     return ref, found
 
 

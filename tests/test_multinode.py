@@ -205,6 +205,47 @@ def test_storage_other_nodes_cannot_see_is_refused_before_any_trial(cluster, tmp
     assert list(storage.iterdir()) == []  # and nothing was written where the nodes look
 
 
+@pytest.mark.skipif(not can_unshare(), reason="needs unprivileged user and mount namespaces (unshare -rm) to "
+                                              "hide a folder from the driver that the other nodes see")
+def test_data_only_the_nodes_see_is_read_and_checked_on_a_worker_node(cluster, tmp_path):
+    from reid_core.data import synthetic
+
+    hidden = tmp_path / "hidden"  # the driver sees an empty tmpfs here; the nodes see the datasets
+    good, bad = hidden / "market", hidden / "broken"
+    synthetic.generate(good, "market1501", ids=8, cams=2, images_per_id_cam=2, height=32, width=16, seed=0)
+    shutil.copytree(good, bad)
+    shutil.rmtree(bad / "query")
+    space = write_space(tmp_path, "remote_data", 1, {"loss.name": {"type": "grid", "values": ["he"]}})
+    storage = tmp_path / "studies"
+    mount = f"mount -t tmpfs tmpfs {hidden} && exec \"$@\""
+    wrap = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, "sh"]
+    w1, w2 = cluster.node_ids["w1"][:8], cluster.node_ids["w2"][:8]
+
+    # A tree without query/: one error naming it, read on a worker node, before any trial.
+    log = tmp_path / "bad.log"
+    started = time.time()
+    process = driver(cluster, space, storage, log, "--dataset", "market1501", "--data-root", str(bad), wrap=wrap)
+    assert process.wait(timeout=300) == 2, log.read_text()[-3000:]
+    print(f"remote check refused the broken tree in {time.time() - started:.0f} s")
+    out = log.read_text()
+    assert f"market1501|{bad}: not visible here; read on a worker node before the first trial" in out.replace(
+        f"market1501 at {bad}", f"market1501|{bad}")
+    (line,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: on a worker node: market1501") and "query" in line, line
+    assert "started:" not in out and not (storage / "remote_data" / "study.json").exists()
+
+    # The complete tree: read once on a worker node (not the driver's), then trained from that index.
+    log = tmp_path / "good.log"
+    process = driver(cluster, space, storage, log, "--dataset", "market1501", "--data-root", str(good), wrap=wrap)
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    (line,) = [line for line in out.splitlines() if "training images" in line and "read in" in line]
+    assert f"market1501 at {good}: 16 training images of 4 identities" in line, line
+    assert f"on worker node {w1}" in line or f"on worker node {w2}" in line, line
+    (row,) = read_csv(storage / "remote_data" / "results.csv")
+    assert row["status"] == "TERMINATED" and row["final_mAP"]
+
+
 def test_ddp_trials_across_nodes_survive_a_lost_node_and_a_killed_driver(cluster, tmp_path):
     space = write_space(tmp_path, "multinode", 2, {"optim.lr": {"type": "grid", "values": [1e-3, 3e-4]}},
                         resources={"max_concurrent": 1, "workers_per_trial": 2, "cpus_per_worker": 1})
