@@ -31,6 +31,7 @@ TARGETS = {
     "callback_ms_per_result_100": ("<=", 50.0),
     "quickstart_train_share": (">=", 0.70),
     "quickstart_wall_min": ("<=", 5.0),
+    "quickstart_min_gain_over_untrained": (">=", 2.0),  # every trial's best mAP over its untrained mAP
 }
 
 
