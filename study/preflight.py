@@ -20,6 +20,7 @@ sampler then draws that identity's images with replacement, so a batch repeats i
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -207,8 +208,9 @@ def scan_remote(name: str, root: str) -> tuple[Any, DataFacts]:
 
 
 def _message(exc: BaseException) -> str:
+    """The last line of an exception raised in a Ray task, without the ``module.Error: `` prefix Ray adds."""
     text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    return re.sub(r"^(?:[\w.]+\.)?\w*Error: ", "", text[-1]) if text else type(exc).__name__
 
 
 def synthetic_facts(cfg: Config) -> DataFacts:
