@@ -182,7 +182,7 @@ def run_quickstart(root: Path) -> dict[str, Any]:
         key = tuple(str(row[k]) for k in space.searched_keys)
         before = untrained[key]
         gains.append(float(row["best_mAP"]) / before)
-        print(f"  {' '.join(f'{k.split(chr(46))[-1]}={v}' for k, v in zip(space.searched_keys, key)):60s} "
+        print(f"  {' '.join(f'{k}={v}' for k, v in zip(space.searched_keys, key)):70s} "
               f"untrained {before:5.2f}  best {float(row['best_mAP']):5.2f}  x{gains[-1]:.2f}")
     return {"wall_s": wall, "slots": slots, "share": busy / (wall * slots), "lines": lines,
             "trials": len(table), "best_mAP": float(table["best_mAP"].max()), "min_gain": min(gains)}

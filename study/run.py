@@ -432,7 +432,8 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, out
         formatters = {c: (lambda v: "" if pd.isna(v) else f"{v:.2f}") if c in metrics else
                       (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)) for c in shown.columns}
         print(shown.to_string(index=False, formatters=formatters))
-        print("\n" + "\n".join(closing_summary(table, space.searched_keys, space.metric, space.mode)))
+        print("\n" + "\n".join(closing_summary(table, space.searched_keys, space.metric, space.mode,
+                                                   study=storage.location())))
     print(f"\nresults table : {storage.location(RESULTS_FILE)}")
     print(f"TensorBoard   : {storage.location(TENSORBOARD_DIR)}   (tensorboard --logdir {storage.location(TENSORBOARD_DIR)})")
     print(f"Tune folder   : {storage.uri}   (trials, checkpoints; resume with --resume)")

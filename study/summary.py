@@ -19,9 +19,11 @@ def _value(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def closing_summary(table: pd.DataFrame, searched: Sequence[str], metric: str = "mAP", mode: str = "max") -> list[str]:
+def closing_summary(table: pd.DataFrame, searched: Sequence[str], metric: str = "mAP", mode: str = "max",
+                    study: str = "<study folder>") -> list[str]:
     """Lines naming the winning cell of ``table`` (a ``results.csv`` frame) and the runner-up, with the
-    number of seeds behind them. Empty when no trial was evaluated."""
+    number of seeds behind them, and where to read which differences hold (``study``: the study's folder).
+    Empty when no trial was evaluated."""
     score = f"best_{metric}"
     if score not in table.columns:
         return []
@@ -50,5 +52,6 @@ def closing_summary(table: pd.DataFrame, searched: Sequence[str], metric: str = 
                      f"spread between seeds of the same cell. `{FIDELITY_COMMAND}` runs cells over several seeds and "
                      f"says which differences hold.")
     else:
-        lines.append(f"{seeds} seeds per cell; `{FIDELITY_COMMAND}` says which differences between cells hold.")
+        lines.append(f"{seeds} seeds per cell: `python -m study.results {study} --table directions` gives the 95 % "
+                     f"interval of each of the paper's claims these cells test.")
     return lines

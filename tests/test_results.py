@@ -516,6 +516,11 @@ def test_cmc_legend_names_framework_and_loss_and_disambiguates_keys():
     both = _labels([{"optim.lr": 0.001, "data.height": 64, "model.height": 3},
                     {"optim.lr": 0.003, "data.height": 32, "model.height": 4}])
     assert both[0] == "lr=0.001, data.height=64, model.height=3"  # two keys end in "height": full names
+    # a key only some configurations have, all with one value, is implied by their loss: not repeated
+    implied = _labels([{"framework.name": "moreid", "loss.name": "npair", "loss.k": 15, "eval.metric": "euclidean"},
+                       {"framework.name": "moreid", "loss.name": "he", "eval.metric": "cosine"},
+                       {"framework.name": "baseline", "loss.name": "npair", "loss.k": 15, "eval.metric": "euclidean"}])
+    assert implied == ["MoReID + N-pair, metric=euclidean", "MoReID + HE, metric=cosine", "Baseline + N-pair, metric=euclidean"]
     searched = _labels([{"optim.lr": 0.00392237}, {"optim.lr": 2.9332e-05}])
     assert searched == ["lr=0.00392", "lr=2.93e-05"]  # three significant digits, not a sampled float's six
     long = _labels([{"framework.name": "moreid", **{f"loss.knob{i}": i for i in range(12)}},

@@ -210,6 +210,7 @@ def test_closing_summary_names_the_winning_cell_and_the_evidence():
     seeds = closing_summary(table, ["loss.name", "framework.name", "train.seed"])
     assert seeds[0].startswith("winner: loss.name=he framework.name=moreid: mAP 21.00 (mean of 2 seeds")
     assert not any("One seed" in line for line in seeds)
+    assert "python -m study.results <study folder> --table directions" in seeds[-1]
     assert closing_summary(table.assign(best_mAP=NAN), ["loss.name"]) == []
 
 

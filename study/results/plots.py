@@ -164,15 +164,19 @@ def plot_cmc(frame: pd.DataFrame, path: Path, *, metric: str = "best") -> Path |
     if trials.empty:
         return None
     datasets = sorted(set(trials["data.dataset"]), key=str)
-    fig = Figure(figsize=(6.4 * len(datasets), 5.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     score = f"{kind}_mAP"
-    for ax, dataset in zip(axes, datasets):
+    panels = []
+    for dataset in datasets:
         subset = trials[trials["data.dataset"] == dataset]
         ranked = sorted(subset.groupby(subset["_config"].map(repr)), key=lambda g: -g[1][score].mean())
         chosen = [rows.loc[rows[score].idxmax()] for _, rows in ranked[:CMC_CURVES]]
-        labels = _labels([dict(row["_config"]) for row in chosen])
+        panels.append((dataset, chosen, _labels([dict(row["_config"]) for row in chosen])))
+    # The legend sits under the axes: the figure grows with its lines, or the axes would be squeezed away.
+    legend_lines = max(sum(label.count("\n") + 1 for label in labels) for _, _, labels in panels)
+    fig = Figure(figsize=(6.4 * len(datasets), 4.4 + 0.16 * legend_lines), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, (dataset, chosen, labels) in zip(axes, panels):
         for color, row, label in zip(_COLORS, chosen, labels):
             curve = _cmc(row["cmc"])
             ranks = np.arange(1, len(curve) + 1)
@@ -198,9 +202,12 @@ LABEL_WIDTH = 60  # characters per legend line; longer labels wrap
 def _labels(configs: list[dict]) -> list[str]:
     """Legend labels naming what differs between the plotted configurations: the framework and loss by
     name (``MoReID + HE``), every other key as ``key=value`` under its last dotted part, or its whole
-    dotted name where two keys share that part (``optim.lr=0.001, data.height=64``)."""
-    keys = [k for k in configs[0] if any(c.get(k) != configs[0][k] for c in configs)] if len(configs) > 1 else []
-    keys += [k for c in configs[1:] for k in c if k not in configs[0] and k not in keys]
+    dotted name where two keys share that part (``optim.lr=0.001, data.height=64``). Keys on which the
+    configurations agree are left out."""
+    # A key is shown when the configurations that have it disagree on it; one that only some have, with
+    # one value (a loss's own knob at its default, say), is implied by the framework and loss names.
+    every = list(dict.fromkeys(k for c in configs for k in c))
+    keys = [k for k in every if len({str(c[k]) for c in configs if k in c}) > 1]
     if not keys:
         keys = list(NAME_KEYS)
     named = [k for k in NAME_KEYS if k in keys]
