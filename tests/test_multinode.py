@@ -247,7 +247,10 @@ def test_data_only_the_nodes_see_is_read_and_checked_on_a_worker_node(cluster, t
 
 
 def test_ddp_trials_across_nodes_survive_a_lost_node_and_a_killed_driver(cluster, tmp_path):
+    # 12 steps an epoch (several seconds): the kills land inside an epoch. Ray Train polls its workers every
+    # 2 s, so with 2-step epochs epoch 2 could be checkpointed before the driver even saw epoch 1.
     space = write_space(tmp_path, "multinode", 2, {"optim.lr": {"type": "grid", "values": [1e-3, 3e-4]}},
+                        iters_per_epoch=12,
                         resources={"max_concurrent": 1, "workers_per_trial": 2, "cpus_per_worker": 1})
     storage = tmp_path / "studies"  # every node of this machine sees it: the shared folder
     study = storage / "multinode"

@@ -62,9 +62,13 @@ def ray_env(tmp_path_factory):
             os.environ[key] = value
 
 
-def write_space(folder: Path, name: str, epochs: int, parameters: dict, **fields) -> Path:
+def write_space(folder: Path, name: str, epochs: int, parameters: dict, iters_per_epoch: int | None = None,
+                **fields) -> Path:
+    """A study of TINY_BASE trials; ``iters_per_epoch`` lengthens epochs where a test must act inside one."""
     base = yaml.safe_load(yaml.safe_dump(TINY_BASE))
     base["train"]["epochs"] = epochs
+    if iters_per_epoch:
+        base["train"]["iters_per_epoch"] = iters_per_epoch
     space = {"name": name, "description": "test", "base": base, "parameters": parameters, "searcher": "grid",
              "scheduler": {"type": "none"},
              "resources": {"max_concurrent": 1, "workers_per_trial": 1, "cpus_per_worker": 1}, **fields}
@@ -248,8 +252,19 @@ def test_study_on_an_existing_head_reached_with_address(tmp_path):
     assert head.returncode is not None
 
 
+def second_trial_epochs(study: Path, row: dict[str, str]) -> int:
+    """Epochs a trial has reported, from its progress.csv (0 when none yet)."""
+    try:
+        return len(trial_progress(study, row["trial_id"]))
+    except (ValueError, FileNotFoundError, pd.errors.EmptyDataError):
+        return 0
+
+
 def test_resume_after_the_driver_is_killed(tmp_path):
-    space = write_space(tmp_path, "resume", 3, {"optim.lr": {"type": "grid", "values": [1e-3, 3e-4]}})
+    # 8 steps an epoch: the driver is killed inside the second trial's run, not after it (2-step epochs of
+    # under a second could end the trial before the kill lands)
+    space = write_space(tmp_path, "resume", 3, {"optim.lr": {"type": "grid", "values": [1e-3, 3e-4]}},
+                        iters_per_epoch=8)
     storage = tmp_path / "studies"
     study = storage / "resume"
     results = study / "results.csv"
@@ -263,10 +278,11 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         rows: list[dict[str, str]] = []
         while time.time() < deadline and driver.poll() is None:
             rows = read_csv(results) if results.is_file() else []
-            # kill once the first trial finished and the second has a checkpoint past epoch 1
-            if len(rows) >= 2 and rows[0]["status"] == "TERMINATED" and int(rows[1]["epochs"]) >= 1:
+            # kill once the first trial finished and the second has a checkpoint past epoch 1 (its progress.csv,
+            # written per result; results.csv takes epoch results in a few seconds)
+            if len(rows) >= 2 and rows[0]["status"] == "TERMINATED" and second_trial_epochs(study, rows[1]) >= 1:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert driver.poll() is None, "the study ended before it could be interrupted"
         tree = process_tree(driver.pid)
         driver.kill()
