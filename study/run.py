@@ -289,13 +289,13 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
                            metric=space.metric, mode=space.mode, fail_hook=fail_hook(), worker_env=env,
                            datasets=index)
         trainable = make_trainable(setup)
+        record = optuna_record(space, storage, optuna_url)
         if resume:
             print(f"resuming the study in {storage.uri}", flush=True)
             tuner = tune.Tuner.restore(storage.uri, trainable, resume_unfinished=True, resume_errored=True)
         else:
             info = TrialInfo(space.base, space.searched_keys)
             total = space.total_trials()
-            record = optuna_record(space, storage, optuna_url)
             record.create(space.cells())
             callbacks = [NoRetryOnTrialError(), ResultsCsv(storage, storage.name, info),
                          TensorBoardHParams(storage, info, space), OptunaRecorder(record, space.metric, info.epochs),
@@ -322,8 +322,7 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
         if storage.path(OPTUNA_DB).is_file():
             storage.upload(OPTUNA_DB)
         outcome = study_outcome(storage, space.total_trials())
-        print_summary(space, storage, time.time() - started, outcome, optuna_url)
-        record = optuna_record(space, storage, optuna_url)
+        print_summary(space, storage, time.time() - started, outcome, record)
         if outcome.interrupted:
             write_report(storage, partial=f"partial: {outcome.finished} of {outcome.total} trials finished "
                                           f"(interrupted); resume with: {resume_command}", record=record)
@@ -404,7 +403,7 @@ def optuna_record(space: SearchSpace, storage: StudyStorage, url: str | None) ->
 
 
 def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, outcome: Outcome | None = None,
-                  optuna_url: str | None = None) -> None:
+                  record: Any = None) -> None:
     import pandas as pd
 
     from study.callbacks import RESULTS_FILE, TENSORBOARD_DIR
@@ -437,7 +436,8 @@ def print_summary(space: SearchSpace, storage: StudyStorage, seconds: float, out
     print(f"\nresults table : {storage.location(RESULTS_FILE)}")
     print(f"TensorBoard   : {storage.location(TENSORBOARD_DIR)}   (tensorboard --logdir {storage.location(TENSORBOARD_DIR)})")
     print(f"Tune folder   : {storage.uri}   (trials, checkpoints; resume with --resume)")
-    print(f"Optuna record : optuna-dashboard {optuna_record(space, storage, optuna_url).url}")
+    if record is not None:
+        print(f"Optuna record : optuna-dashboard {record.url}")
     if storage.remote:
         print(f"local copy    : {storage.local}")
 
