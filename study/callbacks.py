@@ -174,7 +174,7 @@ class ResultsCsv(Callback):
         self.info = info
         self.rows: dict[str, dict[str, str]] = {}
         self.order: list[str] = []
-        self._columns: dict[str, None] = {}  # config columns in first-seen order
+        self._columns: dict[str, None] = {}  # columns beyond FIXED_COLUMNS, in first-seen order
         self._dirty = False
         self._written_at = -math.inf
         self._version = 0  # of the rows; the file holds _stored
@@ -202,7 +202,14 @@ class ResultsCsv(Callback):
     def _index_columns(self) -> None:
         self._columns = {}
         for trial_id in self.order:
-            self._columns.update(dict.fromkeys(k for k in self.rows[trial_id] if k not in FIXED_COLUMNS))
+            self._add_columns(self.rows[trial_id])
+
+    def _add_columns(self, row: Mapping[str, str]) -> None:
+        """Columns of ``row`` not seen yet (a trial's first result may bring some its start had not:
+        eval.rerank metrics), in first-seen order."""
+        for key in row:
+            if key not in self._columns and key not in FIXED_COLUMNS:
+                self._columns[key] = None
 
     def setup(self, **info: Any) -> None:
         if not self.rows:  # a resumed study without callback state: take the rows already written
@@ -257,9 +264,7 @@ class ResultsCsv(Callback):
         row["error"] = error
         if trial.trial_id not in self.rows:
             self.order.append(trial.trial_id)
-        for key in row:  # a trial's first result may bring columns its start had not (eval.rerank metrics)
-            if key not in self._columns and key not in FIXED_COLUMNS:
-                self._columns[key] = None
+        self._add_columns(row)
         self.rows[trial.trial_id] = row
         self._dirty = True
         self._version += 1
