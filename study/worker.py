@@ -64,10 +64,9 @@ class Session(Protocol):
     world_size: int
     hook_wait_s: float  # how long the test hook waits after a checkpointed report before dying
 
-    def checkpoints(self) -> list[Any]:  # ray Checkpoints to resume from, preferred first
-        ...
-
-    def is_registered(self, checkpoint: Any) -> bool:  # whether Ray knew it (else its result may be lost)
+    def resume_from(self) -> tuple[Any, bool]:
+        """The ray Checkpoint to resume from (None: from the start), and whether Ray had registered it
+        (when not, the driver may never have taken the result reported with it)."""
         ...
 
     def report(self, result: dict[str, Any], folder: Path | None) -> None:
@@ -80,27 +79,23 @@ class TuneSession:
 
     A killed driver's study resumes from Tune's last experiment snapshot, which is taken every few
     seconds and so may predate the trial's newest checkpoints; those are on disk all the same (Tune copies
-    a checkpoint into the trial folder before ``tune.report`` returns). So the trial also offers the
-    complete ones it finds there, newest first, as Ray Train does with its own snapshot."""
+    a checkpoint into the trial folder before ``tune.report`` returns). So the trial resumes from the
+    newest complete one it finds there when that is newer than Tune's, as Ray Train does with its own
+    snapshot."""
 
     rank, world_size, hook_wait_s = 0, 1, 2.0
 
     def __init__(self, trial_folder: str | None = None) -> None:
         self.trial_folder = trial_folder
-        self.registered: Any = None
 
-    def checkpoints(self) -> list[Any]:
+    def resume_from(self) -> tuple[Any, bool]:
         from ray import tune
 
-        self.registered = tune.get_checkpoint()
+        registered = tune.get_checkpoint()
         found = persisted_checkpoints(self.trial_folder) if self.trial_folder else []
-        if self.registered is not None:
-            newer = [c for c in found if _checkpoint_index(c.path) > _checkpoint_index(self.registered.path)]
-            return newer + [self.registered]
-        return found
-
-    def is_registered(self, checkpoint: Any) -> bool:
-        return self.registered is not None and checkpoint.path == self.registered.path
+        if found and (registered is None or _checkpoint_index(found[0].path) > _checkpoint_index(registered.path)):
+            return found[0], False
+        return registered, True
 
     def report(self, result: dict[str, Any], folder: Path | None) -> None:
         from ray import tune
@@ -120,14 +115,11 @@ class TrainSession:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
 
-    def checkpoints(self) -> list[Any]:
+    def resume_from(self) -> tuple[Any, bool]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        return [checkpoint] if checkpoint is not None else []
-
-    def is_registered(self, checkpoint: Any) -> bool:
-        return True  # Train's own snapshot in the trial folder: written before its report reaches Tune
+        # Train's own snapshot in the trial folder, written before its report reaches Tune
+        return ray.train.get_checkpoint(), True
 
     def report(self, result: dict[str, Any], folder: Path | None) -> None:
         import ray.train
@@ -290,9 +282,9 @@ def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> 
                       dataset=ray.get(index) if index is not None else None)
     built = time.perf_counter()
     state = empty_state()
-    checkpoints = session.checkpoints()
-    if checkpoints:
-        with checkpoints[0].as_directory() as folder:
+    checkpoint, registered = session.resume_from()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
             trainer.load_checkpoint(folder)
             state_file = Path(folder) / STATE_FILE
             if state_file.is_file():
@@ -305,7 +297,7 @@ def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> 
              "build_s": built - imported, "restore_s": time.perf_counter() - built}
     checkpoint_s = report_s = 0.0
     try:
-        if start_epoch > 0 and (start_epoch >= cfg.train.epochs or not session.is_registered(checkpoints[0])):
+        if start_epoch > 0 and (start_epoch >= cfg.train.epochs or not registered):
             # The run had finished before its driver went away, or its driver died before it took the result
             # of the checkpoint resumed from: report that result once more, so that Tune (and the study's
             # record) has every epoch and a finished run ends with it. Same keys in the same order as the
