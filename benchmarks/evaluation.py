@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reid_core.evaluation import evaluate_features, evaluate_rank, evaluate_rank_reference, pairwise_distances
+from reid_core.evaluation import evaluate_features, evaluate_rank, evaluate_rank_reference, query_gallery_distances
 
 GIB = 2**30
 
@@ -69,7 +69,7 @@ def _speedup(kind: str, quick: bool) -> dict:
     num_q, num_g = 1500, 15000
     q, g, q_pids, g_pids, q_cams, g_cams = _clusters(num_q, num_g, 256, ids=500, cams=20, spread=1.8, seed=0)
     if kind == "clustered":
-        dist = pairwise_distances(q, g).numpy()
+        dist = query_gallery_distances(q, g).numpy()
     else:
         dist = np.random.default_rng(0).random((num_q, num_g), dtype=np.float32)
     labels = [x.numpy() for x in (q_pids, g_pids, q_cams, g_cams)]

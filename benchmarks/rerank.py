@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.evaluation import _clusters, _status_bytes
-from reid_core.evaluation import evaluate_features, evaluate_rank, pairwise_distances
+from reid_core.evaluation import evaluate_features, evaluate_rank, query_gallery_distances
 
 GIB = 2**30
 # spread: noise norm around unit identity centres; 3.3 at 2,048-d gives a plain mAP of about 0.6.
@@ -54,7 +54,7 @@ def _prepare(size: dict, folder: Path) -> None:
     np.save(folder / "labels.npy", np.stack([q_pids, q_cams]))
     np.save(folder / "g_labels.npy", np.stack([g_pids, g_cams]))
     for name, (a, b) in zip(FILES, ((q, g), (q, q), (g, g))):
-        np.save(folder / f"{name}.npy", pairwise_distances(a, b).numpy())
+        np.save(folder / f"{name}.npy", query_gallery_distances(a, b).numpy())
 
 
 def _labels(folder: Path):

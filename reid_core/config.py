@@ -26,6 +26,7 @@ DATASETS = ("synthetic", "market1501", "veri776", "veriwild-small", "veriwild-me
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 LOSSES = ("triplet", "npair", "ranked_list", "he")
 DISTANCES = ("euclidean", "cosine")
+EVAL_METRICS = ("mAP", "R1", "R5", "R10", "mINP")  # what an evaluation reports (percent)
 FRAMEWORKS = ("baseline", "moreid")
 
 
@@ -308,19 +309,21 @@ def apply_overrides(tree: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
 
 def config_keys() -> set[str]:
     """Every dotted leaf key a config accepts (``{"loss.k", "data.synthetic.ids", ...}``)."""
-    return set(_flatten(Config().to_dict()))
+    return set(flatten_mapping(Config().to_dict()))
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """The config as ``{dotted_key: value}``."""
-    return _flatten(cfg.to_dict())
+    return flatten_mapping(cfg.to_dict())
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_mapping(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested and dotted keys alike -> ``{dotted: value}`` (the one flat <-> nested conversion; its inverse
+    is :func:`set_dotted` key by key)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_mapping(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from reid_core.evaluation import (chunk_plan, evaluate_features, evaluate_rank, evaluate_rank_reference,
-                                  extract_features, pairwise_distances)
+                                  extract_features, query_gallery_distances)
 from reid_core.evaluation.rank import BYTES_PER_PAIR
 
 
@@ -111,7 +111,7 @@ def test_feature_blocks_split_into_rank_chunks(monkeypatch):
     import reid_core.evaluation.rank as rank
 
     q_feats, g_feats, q_pids, g_pids, q_cams, g_cams = _features(4, num_q=50)
-    expected = evaluate_rank(pairwise_distances(q_feats, g_feats), q_pids, g_pids, q_cams, g_cams)
+    expected = evaluate_rank(query_gallery_distances(q_feats, g_feats), q_pids, g_pids, q_cams, g_cams)
     monkeypatch.setattr(rank, "CPU_CHUNK_PAIRS", 4 * g_feats.shape[0])  # ranked 4 queries at a time
     monkeypatch.setattr(rank, "GEMM_BLOCK_ROWS", 12)  # distances for 12 at a time
     assert rank.chunk_plan(g_feats.shape[0], 4, torch.device("cpu"), block_rows=12) == (12, 4)
@@ -154,7 +154,7 @@ def _features(seed: int, num_q: int = 30, num_g: int = 200, dim: int = 16, ids: 
 @pytest.mark.parametrize("chunk_size", [1, 7, 0])
 def test_chunked_features_equal_full_matrix(metric, chunk_size):
     q_feats, g_feats, q_pids, g_pids, q_cams, g_cams = _features(0)
-    full = pairwise_distances(q_feats, g_feats, metric)
+    full = query_gallery_distances(q_feats, g_feats, metric)
     expected = evaluate_rank(full, q_pids, g_pids, q_cams, g_cams)
     assert 0.05 < expected["mAP"] < 0.99  # neither trivial nor hopeless
     result = evaluate_features(q_feats, g_feats, q_pids, g_pids, q_cams, g_cams, metric=metric,
@@ -170,9 +170,9 @@ def test_chunked_features_equal_full_matrix(metric, chunk_size):
 def test_distances_match_their_definitions():
     q_feats, g_feats, *_ = _features(1, num_q=5, num_g=9)
     q64, g64 = q_feats.double(), g_feats.double()
-    euclid = pairwise_distances(q64, g64, "euclidean")
+    euclid = query_gallery_distances(q64, g64, "euclidean")
     torch.testing.assert_close(euclid, torch.cdist(q64, g64), rtol=1e-9, atol=1e-9)
-    cosine = pairwise_distances(q64, g64, "cosine")
+    cosine = query_gallery_distances(q64, g64, "cosine")
     expected = -torch.nn.functional.normalize(q64, dim=1) @ torch.nn.functional.normalize(g64, dim=1).T
     torch.testing.assert_close(cosine, expected)
 

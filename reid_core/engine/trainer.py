@@ -44,6 +44,7 @@ from reid_core.data import (DatasetError, ReIDDataset, build_test_loader, build_
 from reid_core.engine import checkpoint as ckpt
 from reid_core.engine.optim import (backbone_parameters, build_optimizer, build_scheduler, drop_grads,
                                     trainable_parameters)
+from reid_core.ddp import unwrap
 from reid_core.engine.tensorboard import ScalarLogger
 from reid_core.evaluation import evaluate_features, extract_features
 from reid_core.models import build_model
@@ -52,7 +53,6 @@ from reid_core.moreid import build_framework
 # Training metric name -> key of StepOutput.stats it is read from (missing keys count as 0).
 STAT_METRICS = {"hard/pos": "hard_pos", "hard/neg": "hard_neg", "dict/fill": "dict_fill"}
 TRAIN_METRICS = ("loss/total", "loss/ce", "loss/metric", *STAT_METRICS, "lr")
-EVAL_METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 CHECKPOINT_FORMAT = 1
 
 
@@ -67,11 +67,6 @@ def resolve_device(name: str) -> torch.device:
     index = int(local_rank) if local_rank is not None and int(local_rank) < torch.cuda.device_count() \
         else torch.cuda.current_device()
     return torch.device("cuda", index)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 class TrainStep:

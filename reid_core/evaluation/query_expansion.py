@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reid_core.evaluation.rerank import ROWS_PAIRS, smallest_k
+from reid_core.evaluation.tensors import ROWS_PAIRS, smallest_k
 
 
 def average_query_expansion(q_feats: Tensor, g_feats: Tensor, k: int = 10, alpha: float = 3.0,

@@ -1,4 +1,4 @@
-"""Re-ID ranking metrics (mAP, CMC, mINP), vectorised in torch over chunks of queries (DESIGN.md section 6).
+"""Re-ID ranking metrics (mAP, CMC, mINP), vectorised in torch over chunks of queries (docs/design.md, Evaluation protocol).
 
 Protocol: per query, gallery entries with the query's identity AND camera are removed ("junk"), queries
 left without a true match are skipped, the gallery is ranked by distance with ties broken by gallery
@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METRICS = ("euclidean", "cosine")
+from reid_core.config import DISTANCES
+from reid_core.evaluation.tensors import all_finite, as_tensor
+
 # Working memory per query-gallery pair of a chunk besides the distances and their scaled copy (twice the
 # item size): bucket ids (int32), flags, the bucket histogram and, in the worst case (every entry tied
 # with a match), the candidates' indices, values and columns.
@@ -55,7 +57,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     [0, 1]; ``num_valid`` = queries with at least one true match). Raises ValueError on shape mismatches
     (naming the argument), non-finite distances, or when no query has a true match.
     """
-    dist = _as_tensor(distmat, "distmat")
+    dist = as_tensor(distmat, "distmat")
     if dist.dim() != 2:
         raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {tuple(dist.shape)}")
     _check_max_rank(max_rank)
@@ -65,89 +67,15 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
                             lambda idx, ws: _select_rows(dist, idx, ws))
 
 
-def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metric: str = "euclidean",
-                      max_rank: int = 50, chunk_size: int = 0, memory_budget_mb: int = 1024, *,
-                      rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                      query_expansion: bool = False, qe_k: int = 10, qe_alpha: float = 3.0) -> dict:
-    """:func:`evaluate_rank` of query features against gallery features, one chunk of queries at a time.
-
-    ``q_feats`` float[Q, D], ``g_feats`` float[G, D] (NumPy or tensors; computed on ``g_feats``'s device).
-    ``metric``: ``euclidean`` (||q - g||_2) or ``cosine`` (-q^T g of L2-normalised features), see
-    :func:`pairwise_distances`. ``chunk_size`` queries per chunk; 0 derives it from ``memory_budget_mb``,
-    the working memory of the chunks in flight (distances, bucket ids, flags, histograms; see
-    :func:`chunk_plan`); the features themselves come on top. The whole Q x G matrix is never held.
-
-    ``query_expansion``: first replace the features by their alpha-weighted average query expansion
-    (:func:`~reid_core.evaluation.query_expansion.average_query_expansion`, ``qe_k``, ``qe_alpha``).
-    ``rerank``: rank by k-reciprocal re-ranked distances (``k1``, ``k2``, ``lambda_value``; see
-    :mod:`reid_core.evaluation.rerank`) of the euclidean distances of the features (L2-normalised first
-    under ``cosine``), built from chunked neighbour lists: O((Q + G) k1 k2) memory besides the chunks.
-    """
-    q = _as_tensor(q_feats, "q_feats")
-    g = _as_tensor(g_feats, "g_feats")
-    for name, x in (("q_feats", q), ("g_feats", g)):
-        if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"{name} must be a non-empty 2-D [N, D] array, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must hold floating-point features, got {x.dtype}")
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"feature dims differ: q_feats has {q.shape[1]}, g_feats has {g.shape[1]}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
-        raise ValueError(f"chunk_size must be a non-negative integer, got {chunk_size!r}")
-    if not memory_budget_mb > 0:
-        raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb!r}")
-    _check_max_rank(max_rank)
-    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-    q, g = q.to(g.device, dtype), g.to(dtype)
-    for name, x in (("q_feats", q), ("g_feats", g)):
-        if not _all_finite(x):
-            raise ValueError(f"{name} contains NaN or infinite values")
-    with torch.no_grad():
-        gp = _prepare(g, metric)
-        if metric == "euclidean":  # |d|^2 <= 2 (|q|^2 + |g|^2): finite distances, no per-chunk check
-            bound = 2 * (_prepare(q, metric)[1].max() + gp[1].max())
-            if not bound < torch.finfo(dtype).max / 4:
-                raise ValueError(f"features too large for {dtype} distances (squared norms up to {bound / 4:.3g})")
-    labels = _Labels.build(q_pids, g_pids, q_camids, g_camids, q.shape[0], g.shape[0], g.device)
-    if rerank or query_expansion:
-        # Imported here: these modules build on this one's helpers.
-        from reid_core.evaluation.query_expansion import average_query_expansion
-        from reid_core.evaluation.rerank import FeatureSource, KReciprocal, check_rerank_args
-
-        if rerank:
-            check_rerank_args(k1, k2, lambda_value)
-        with torch.no_grad():
-            if query_expansion:
-                q, g = average_query_expansion(q, g, qe_k, qe_alpha, memory_budget_mb)
-                gp = _prepare(g, metric)
-            if rerank:
-                unit = (lambda x: F.normalize(x, dim=1)) if metric == "cosine" else (lambda x: x)
-                ranker = KReciprocal(FeatureSource(unit(q), unit(g), memory_budget_mb), k1, k2, lambda_value,
-                                     memory_budget_mb)
-
-                def reranked(idx: Tensor, ws: Workspace) -> Tensor:
-                    return ranker.distances(idx, out=ws.take("dist", idx.numel()))
-
-                return _evaluate_chunks(labels, g.shape[0], torch.float32, g.device, max_rank, chunk_size,
-                                        memory_budget_mb, reranked, check_finite=False, block_rows=GEMM_BLOCK_ROWS)
-
-    def distances(idx: Tensor, ws: Workspace) -> Tensor:
-        return _distances(_prepare(q.index_select(0, idx), metric), gp, metric, out=ws.take("dist", idx.numel()))
-
-    return _evaluate_chunks(labels, g.shape[0], dtype, g.device, max_rank, chunk_size, memory_budget_mb,
-                            distances, check_finite=False, block_rows=GEMM_BLOCK_ROWS)
-
-
-def pairwise_distances(q: Tensor, g: Tensor, metric: str = "euclidean") -> Tensor:
-    """float[Q, D], float[G, D] -> float[Q, G]: the distances :func:`evaluate_features` ranks by.
+def query_gallery_distances(q: Tensor, g: Tensor, metric: str = "euclidean") -> Tensor:
+    """float[Q, D], float[G, D] -> float[Q, G]: the distances what :func:`~reid_core.evaluation.evaluate.evaluate_features` ranks by (no gradient; the
+    losses' differentiable distances are :func:`reid_core.losses.pairwise_distance`).
 
     ``euclidean``: sqrt(max(|q|^2 + |g|^2 - 2 q^T g, 0)); ``cosine``: -q^T g after L2 normalisation
     (range [-1, 1]).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    if metric not in DISTANCES:
+        raise ValueError(f"metric must be one of {', '.join(DISTANCES)}; got {metric!r}")
     with torch.no_grad():
         return _distances(_prepare(q, metric), _prepare(g, metric), metric)
 
@@ -269,7 +197,7 @@ def match_ranks(dist: Tensor, gidx: Tensor, match: Tensor, junk: Tensor,
     counted from a histogram of buckets; the rest ("candidates") are compared exactly.
     """
     dist = dist.contiguous()
-    if check_finite and not _all_finite(dist):
+    if check_finite and not all_finite(dist):
         raise ValueError("distmat contains NaN or infinite values")
     c_rows, width = dist.shape
     device = dist.device
@@ -455,19 +383,8 @@ class _Accumulator:
 
 # ---- input handling ---------------------------------------------------------------------------------
 
-def _as_tensor(x, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x.detach()
-    arr = np.asarray(x)
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
-        raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")
-    if not arr.flags.writeable or not arr.dtype.isnative:
-        arr = np.array(arr, dtype=arr.dtype.newbyteorder("="))
-    return torch.from_numpy(np.ascontiguousarray(arr))
-
-
 def _labels(x, name: str, length: int, what: str, device) -> Tensor:
-    t = _as_tensor(x, name)
+    t = as_tensor(x, name)
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(f"{name} must be 1-D of length {length} (the {what}), got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex():
@@ -485,11 +402,6 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_complex:
         raise ValueError(f"distmat must be real, got {dtype}")
     return torch.float64
-
-
-def _all_finite(x: Tensor) -> bool:
-    """Whether ``x`` holds no NaN or infinity; amin/amax propagate NaN and are far cheaper than isfinite."""
-    return bool(torch.isfinite(x.amin())) and bool(torch.isfinite(x.amax()))
 
 
 def _check_max_rank(max_rank: int) -> None:

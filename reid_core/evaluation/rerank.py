@@ -26,12 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from reid_core.evaluation.rank import _all_finite, _as_tensor
+from reid_core.evaluation.tensors import ROWS_PAIRS, all_finite, as_tensor, smallest_k
 
 # Jaccard sums are expanded into (query, gallery, min) contributions at most this many at a time.
 CONTRIBUTIONS_PER_STEP = 1 << 21
-# Neighbour lists are built this many rows x N entries at a time at most (besides the memory budget).
-ROWS_PAIRS = 1 << 24
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
@@ -46,9 +44,9 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     """
     check_rerank_args(k1, k2, lambda_value)
     numpy_in = not isinstance(q_g_dist, Tensor)
-    q_g = _as_tensor(q_g_dist, "q_g_dist")
-    q_q = _as_tensor(q_q_dist, "q_q_dist").to(q_g.device)
-    g_g = _as_tensor(g_g_dist, "g_g_dist").to(q_g.device)
+    q_g = as_tensor(q_g_dist, "q_g_dist")
+    q_q = as_tensor(q_q_dist, "q_q_dist").to(q_g.device)
+    g_g = as_tensor(g_g_dist, "g_g_dist").to(q_g.device)
     if q_g.dim() != 2 or 0 in q_g.shape:
         raise ValueError(f"q_g_dist must be a non-empty 2-D [Q, G] matrix, got shape {tuple(q_g.shape)}")
     num_q, num_g = q_g.shape
@@ -57,7 +55,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
             raise ValueError(f"{name} must be [{size}, {size}] to match q_g_dist {tuple(q_g.shape)}, "
                              f"got {tuple(x.shape)}")
     for name, x in (("q_g_dist", q_g), ("q_q_dist", q_q), ("g_g_dist", g_g)):
-        if x.is_complex() or not _all_finite(x.double() if not x.is_floating_point() else x):
+        if x.is_complex() or not all_finite(x.double() if not x.is_floating_point() else x):
             raise ValueError(f"{name} must hold finite real distances")
     with torch.no_grad():
         ranker = KReciprocal(DenseSource(q_g, q_q, g_g), k1, k2, lambda_value, memory_budget_mb)
@@ -76,23 +74,6 @@ def check_rerank_args(k1: int, k2: int, lambda_value: float) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(lambda_value, bool) or not isinstance(lambda_value, (int, float)) or not 0 <= lambda_value <= 1:
         raise ValueError(f"lambda_value must be a number in [0, 1], got {lambda_value!r}")
-
-
-def smallest_k(rows: Tensor, k: int) -> Tensor:
-    """long[R, k]: each row's k smallest entries' columns, ascending by (value, column), of float[R, N].
-
-    ``topk`` picks an arbitrary subset of the entries equal to the k-th smallest value: a row where the
-    (k + 1)-th smallest equals the k-th (rare) is sorted in full with a stable sort instead.
-    """
-    k = min(k, rows.shape[1])
-    values, columns = torch.topk(rows, min(k + 1, rows.shape[1]), dim=1, largest=False, sorted=True)
-    crowded = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1) if values.shape[1] > k else None
-    values, columns = values[:, :k], columns[:, :k]
-    columns, order = columns.sort(dim=1)  # equal values: ascending columns
-    columns = columns.gather(1, values.gather(1, order).sort(dim=1, stable=True).indices)
-    if crowded is not None and crowded.numel():
-        columns[crowded] = rows[crowded].sort(dim=1, stable=True).indices[:, :k]
-    return columns
 
 
 class NeighbourSource:

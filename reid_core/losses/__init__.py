@@ -9,7 +9,7 @@ import inspect
 
 from .base import MetricLoss
 from .cross_entropy import cross_entropy_ls
-from .distance import METRICS, euclidean_distance, pairwise_distance, prepare_features, prepared_distance
+from .distance import euclidean_distance, pairwise_distance, prepare_features, prepared_distance
 from .he import HardDistanceElasticLoss
 from .npair import NPairLoss
 from .ranked_list import RankedListLoss
@@ -36,7 +36,7 @@ def build_loss(name: str, **params) -> MetricLoss:
 
 
 __all__ = [
-    "LOSSES", "METRICS", "HardDistanceElasticLoss", "MetricLoss", "NPairLoss", "RankedListLoss", "TripletLoss",
+    "LOSSES", "HardDistanceElasticLoss", "MetricLoss", "NPairLoss", "RankedListLoss", "TripletLoss",
     "build_loss", "cross_entropy_ls", "euclidean_distance", "pairwise_distance", "prepare_features",
     "prepared_distance",
 ]

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-METRICS = ("euclidean", "cosine")
+from reid_core.config import DISTANCES
+
 _EPS_SQ = 1e-12  # squared distances are clamped here before the square root
 _EPS = _EPS_SQ ** 0.5
 
 
 def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"distance metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    if metric not in DISTANCES:
+        raise ValueError(f"distance metric must be one of {', '.join(DISTANCES)}; got {metric!r}")
 
 
 def _check_pair(x: Tensor, y: Tensor) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from reid_core.config import Config
+from reid_core.ddp import unwrap
 from reid_core.losses import build_loss, cross_entropy_ls, prepare_features, prepared_distance
 
 from .dictionary import KeyDictionary
@@ -26,10 +27,6 @@ class StepOutput(NamedTuple):
     loss: Tensor
     terms: dict[str, Tensor]
     stats: dict[str, float]
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)
 
 
 class Framework(nn.Module):
@@ -50,7 +47,7 @@ class Framework(nn.Module):
         return prepare_features(feat.float(), self.metric, self.normalize)
 
     def _finish(self, logits: Tensor, labels: Tensor, metric: Tensor, extra: list[Tensor]) -> StepOutput:
-        classifier = getattr(_unwrap(self.encoder), "classifier", None)
+        classifier = getattr(unwrap(self.encoder), "classifier", None)
         if hasattr(classifier, "train_logits"):  # CircleSoftmax re-weights the scores by the labels
             logits = classifier.train_logits(logits, labels)
         ce = cross_entropy_ls(logits, labels, self.label_smoothing)
@@ -67,7 +64,7 @@ class Framework(nn.Module):
 
     def test_encoder(self) -> nn.Module:
         """The encoder whose features are evaluated."""
-        return _unwrap(self.encoder)
+        return unwrap(self.encoder)
 
 
 class Baseline(Framework):
@@ -94,10 +91,10 @@ class MoReID(Framework):
 
     def __init__(self, cfg: Config, model: nn.Module) -> None:
         super().__init__(cfg, model)
-        feat_dim = getattr(_unwrap(model), "feat_dim", None)
+        feat_dim = getattr(unwrap(model), "feat_dim", None)
         if not isinstance(feat_dim, int):
             raise ValueError("MoReID needs a model with an integer feat_dim (the feature size D); "
-                             f"{type(_unwrap(model)).__name__} has feat_dim={feat_dim!r}")
+                             f"{type(unwrap(model)).__name__} has feat_dim={feat_dim!r}")
         self.key_encoder = make_key_encoder(model)
         self.dictionary = KeyDictionary(cfg.framework.dict_size, feat_dim)
         self.momentum = cfg.framework.momentum
@@ -156,7 +153,7 @@ class MoReID(Framework):
 
     def test_encoder(self) -> nn.Module:
         """f_q or f_k, per ``framework.test_encoder``."""
-        return self.key_encoder if self.test_encoder_name == "key" else _unwrap(self.encoder)
+        return self.key_encoder if self.test_encoder_name == "key" else unwrap(self.encoder)
 
 
 FRAMEWORKS = {"baseline": Baseline, "moreid": MoReID}

@@ -8,9 +8,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)  # a DistributedDataParallel wrapper holds the model in .module
+from reid_core.ddp import unwrap
 
 
 def make_key_encoder(query_encoder: nn.Module) -> nn.Module:
@@ -19,7 +17,7 @@ def make_key_encoder(query_encoder: nn.Module) -> nn.Module:
     f_k's BatchNorm layers normalize with batch statistics in train mode, like f_q, but their momentum
     is 0 so f_k's own forward never changes its running statistics: only the EMA from f_q does.
     """
-    key_encoder = copy.deepcopy(_unwrap(query_encoder))
+    key_encoder = copy.deepcopy(unwrap(query_encoder))
     for param in key_encoder.parameters():
         param.requires_grad_(False)
     for module in key_encoder.modules():
@@ -54,7 +52,7 @@ def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) 
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum m must be in [0, 1], got {m!r}")
-    key, query = _unwrap(key_encoder), _unwrap(query_encoder)
+    key, query = unwrap(key_encoder), unwrap(query_encoder)
     k_params, q_params = list(key.parameters()), list(query.parameters())
     k_buffers, q_buffers = list(key.buffers()), list(query.buffers())
     if len(k_params) != len(q_params) or len(k_buffers) != len(q_buffers):
