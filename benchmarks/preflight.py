@@ -3,7 +3,7 @@
 Generates a VeRi-Wild-sized tree (416,314 images, empty files: a listing benchmark) with its list files,
 then measures:
 
-- ``scan_s``: the driver's preflight read (``study.preflight.scan``: list files, vehicle_info.txt, and a
+- ``scan_s``: the driver's preflight read (``study.driver.preflight.scan``: list files, vehicle_info.txt, and a
   listing of each of the 40,671 identity folders to check that every listed image exists) plus the counts
   the checks use (``facts_of``);
 - ``trial_read_s``: what each trial spent before this change to read the same dataset itself
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from reid_core.data.datasets import build_dataset
-from study.preflight import facts_of, scan
+from study.driver.preflight import facts_of, scan
 
 # VeRi-Wild (supplementary A): 30,671 training identities with 277,797 images; the large test set of
 # 10,000 identities has 138,517 gallery images and 10,000 queries (taken from the gallery images here).

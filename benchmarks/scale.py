@@ -4,7 +4,7 @@ One machine plays a cluster (``ray.cluster_utils.Cluster``): a head and two work
 declaring 4 GPUs it does not have. Every trial asks for one GPU and a quarter CPU, so up to 8 run at once,
 and trains a ResNet-18 on CPU for 2 epochs of 2 steps on 32x16 images (evaluated each epoch; no
 checkpoints: a checkpoint period beyond the budget turns them off). Studies of 50, 100 and 300 trials run
-one after the other on the same cluster, each through ``study.run.run_study`` like a real one, and report:
+one after the other on the same cluster, each through ``study.driver.study.run_study`` like a real one, and report:
 
 - **driver CPU per result**: the driver process's CPU time (Tune's loop, the study's callbacks, Ray's
   client threads) over the results it received, in ms;

@@ -3,7 +3,7 @@ share, and (full run) what ASHA saves against a full-budget grid.
 
 - **Trial timeline**: for every trial of the quickstart (``search_spaces/quickstart.yaml``, run as
   ``make demo`` runs it), the driver records when Tune started it, when each result arrived and when it
-  ended; the trial's results carry its own timings (``study.worker.TIMING_KEYS``). A trial's wall time
+  ended; the trial's results carry its own timings (``study.trial.worker.TIMING_KEYS``). A trial's wall time
   splits into launch (Tune start to the training loop entered: trial process, or Train controller and
   worker group), imports, build (data, model, optimizer), restore, training, evaluation, checkpoints,
   report hand-over, teardown (last result to Tune's end of the trial) and the rest. **Overhead** is the
@@ -34,9 +34,9 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from study.run import run_study
+from study.driver.study import run_study
 from study.space import load_space, parse_space
-from study.storage import StudyStorage
+from study.driver.storage import StudyStorage
 
 QUICKSTART = "quickstart"
 CALLBACK_TRIALS = (10, 100, 300)
@@ -191,8 +191,8 @@ def run_quickstart(root: Path) -> dict[str, Any]:
 # ---- callbacks ------------------------------------------------------------------------------------------
 
 def _result(epoch: int, trial_index: int) -> dict[str, Any]:
-    """A result shaped like a worker's (study.worker.result_of), evaluated every epoch."""
-    from study.worker import empty_state, result_of, update_state
+    """A result shaped like a worker's (study.trial.worker.result_of), evaluated every epoch."""
+    from study.trial.worker import empty_state, result_of, update_state
 
     state = empty_state()
     for e in range(1, epoch + 1):
@@ -211,7 +211,10 @@ def callback_costs(trial_count: int, root: Path) -> dict[str, float]:
     ``results.csv`` rewrite. Real Tune ``Trial`` objects, real files under ``root``."""
     from ray.tune.experiment import Trial
 
-    from study.callbacks import Progress, ResultsCsv, TensorBoardHParams, TrialInfo
+    from study.record.common import TrialInfo
+    from study.record.console import Progress
+    from study.record.results_csv import ResultsCsv
+    from study.record.tensorboard import TensorBoardHParams
 
     space = load_space("loss_comparison")
     storage = StudyStorage(root, f"callbacks-{trial_count}")

@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from study import run
-from study.importance import MIN_COMPLETE, study_importance
+from study.results.importance import MIN_COMPLETE, study_importance
 from test_study_ray import _free_port, ray_env, read_csv, write_space  # noqa: F401 (ray_env: autouse fixture)
 
 pytestmark = pytest.mark.ray

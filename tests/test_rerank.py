@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from benchmarks.rerank_reference import re_ranking_dense
 from reid_core.config import Config, ConfigError
-from reid_core.evaluation import (average_query_expansion, evaluate_features, evaluate_rank, pairwise_distances,
+from reid_core.evaluation import (average_query_expansion, evaluate_features, evaluate_rank, query_gallery_distances,
                                   re_ranking)
 from reid_core.evaluation import rerank as rerank_module
 
@@ -79,7 +79,7 @@ def test_evaluate_features_rerank_matches_dense_metrics(metric, monkeypatch):
     q = torch.from_numpy(centers[q_pids] + 0.9 * rng.standard_normal((num_q, 16))).float()
     g = torch.from_numpy(centers[g_pids] + 0.9 * rng.standard_normal((num_g, 16))).float()
     unit = (lambda t: F.normalize(t, dim=1)) if metric == "cosine" else (lambda t: t)
-    dists = [pairwise_distances(a, b).numpy() for a, b in ((unit(q), unit(g)), (unit(q), unit(q)), (unit(g), unit(g)))]
+    dists = [query_gallery_distances(a, b).numpy() for a, b in ((unit(q), unit(g)), (unit(q), unit(q)), (unit(g), unit(g)))]
     labels = (q_pids, g_pids, q_cams, g_cams)
     expected = evaluate_rank(re_ranking_dense(*dists), *labels)
     plain = evaluate_features(q, g, *labels, metric=metric)
@@ -196,10 +196,11 @@ def test_study_results_carry_rerank_columns(tmp_path):
 
     from ray.tune.experiment import Trial
 
-    from study.callbacks import FIXED_COLUMNS, RESULTS_FILE, ResultsCsv, TrialInfo
+    from study.record.common import FIXED_COLUMNS, RESULTS_FILE, TrialInfo
+    from study.record.results_csv import ResultsCsv
     from study.space import load_space
-    from study.storage import StudyStorage
-    from study.worker import empty_state, result_of, update_state
+    from study.driver.storage import StudyStorage
+    from study.trial.worker import empty_state, result_of, update_state
 
     state = empty_state()
     evaluation = {"mAP": 40.0, "R1": 60.0, "R5": 70.0, "R10": 75.0, "mINP": 10.0, "cmc": [60.0] * 20,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from reid_core.config import Config, flatten
-from study.paper import PAPER
+from study.results.paper import PAPER
 from study.results import (TABLE_NAMES, ResultsError, TableError, applies, build_table, build_tables,
                            load_results, render, report_tables, write_plots, write_report)
 

@@ -11,8 +11,8 @@ import yaml
 
 from reid_core.data import synthetic
 from study import run
-from study.optuna_record import OptunaRecord, default_url, study_names
-from study.searcher import CELL_KEY, StudySearcher
+from study.search.optuna_record import OptunaRecord, default_url, study_names
+from study.search.searcher import CELL_KEY, StudySearcher
 from study.space import SPACES_DIR, SpaceError, load_space, parse_space, plan, validate_plan
 
 SPACE_FILES = sorted(SPACES_DIR.glob("*.yaml"))

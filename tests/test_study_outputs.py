@@ -13,12 +13,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from reid_core.config import Config, flatten
-from study.callbacks import FIXED_COLUMNS, RESULTS_FILE, Progress, ResultsCsv, TensorBoardHParams, TrialInfo
-from study.hparams import run_name
+from study.record.common import FIXED_COLUMNS, RESULTS_FILE, TrialInfo
+from study.record.console import Progress
+from study.record.results_csv import ResultsCsv
+from study.record.tensorboard import TensorBoardHParams
+from study.record.hparams import run_name
 from study.results.load import read_results
 from study.space import load_space
-from study.storage import StudyStorage
-from study.summary import closing_summary
+from study.driver.storage import StudyStorage
+from study.results.summary import closing_summary
 
 NAN = float("nan")
 
@@ -168,7 +171,7 @@ def test_results_csv_epoch_results_are_written_in_the_background_at_most_every_p
     first = storage.path(RESULTS_FILE).stat().st_mtime_ns
     cb.on_trial_result(0, [], a, result(1, 1, 5.0, 5.0, 1))  # within the period: no rewrite yet
     assert storage.path(RESULTS_FILE).stat().st_mtime_ns == first
-    monkeypatch.setattr("study.callbacks.CSV_WRITE_PERIOD_S", 0.0)
+    monkeypatch.setattr("study.record.results_csv.CSV_WRITE_PERIOD_S", 0.0)
     cb.on_trial_result(0, [], a, result(2, 2, 7.0, 7.0, 2))  # period over: rewritten by a background thread
     cb._thread.join()
     assert pd.read_csv(storage.path(RESULTS_FILE)).iloc[0].best_mAP == 7.0
@@ -219,7 +222,7 @@ def test_a_resumed_one_worker_trial_finds_the_newest_complete_checkpoint_in_its_
     newest first, and passes over a copy cut short (truncated checkpoint.pt) or one without its state."""
     import torch
 
-    from study.worker import STATE_FILE, persisted_checkpoints
+    from study.trial.worker import STATE_FILE, persisted_checkpoints
 
     trial = tmp_path / "trial_0001"
     for index, epoch in enumerate((1, 2, 3, 4)):

@@ -30,7 +30,8 @@ import yaml
 from optuna.trial import TrialState
 
 from study import run
-from study.callbacks import FIXED_COLUMNS
+from study.driver.checks import FAIL_HOOK_ENV
+from study.record.common import FIXED_COLUMNS
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def test_asha_stops_trials_early_and_later_trials_still_start(tmp_path, capsys):
 
 def test_one_worker_trial_process_dies_and_is_retried_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "died"
-    monkeypatch.setenv(run.FAIL_HOOK_ENV, f"1:{marker}")
+    monkeypatch.setenv(FAIL_HOOK_ENV, f"1:{marker}")
     space = write_space(tmp_path, "inproc", 3, {"framework.name": {"type": "grid", "values": ["moreid"]}},
                         retries={"workers": 1, "trials": 0})  # the process death spends the worker retry
     start = time.time()
@@ -142,7 +143,7 @@ def test_one_worker_trial_process_dies_and_is_retried_from_its_checkpoint(tmp_pa
 
 def test_two_gloo_workers_asha_and_a_worker_death_resumed_from_checkpoint(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "died"
-    monkeypatch.setenv(run.FAIL_HOOK_ENV, f"1:{marker}")
+    monkeypatch.setenv(FAIL_HOOK_ENV, f"1:{marker}")
     lrs = [3e-3, 1e-6, 3e-6, 1e-3]
     space = write_space(tmp_path, "ddp", 2, {"optim.lr": {"type": "grid", "values": lrs}},
                         scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2},

@@ -2,7 +2,7 @@
 
 A claim compares two cells of trials (its *better* and *worse* sides, each a set of conditions on config
 columns, matched as every other table matches its cells: :func:`study.results.match.select`). Per claim:
-the paper's table and cells, the paper's difference (from :data:`study.paper.PAPER`; none where the
+the paper's table and cells, the paper's difference (from :data:`study.results.paper.PAPER`; none where the
 number is in the main text, which is not in our hands), ours as mean ± std over seeds on each side, our
 difference with a 95 % Welch interval, and a verdict:
 
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from study.paper import PAPER, Ref
+from study.results.paper import PAPER, Ref
 from study.results.load import check_kind, counted
 from study.results.match import add_config_column, describe, select, where_mask
 from study.results.render import _md_row, _num

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from study.paper import PAPER
+from study.results.paper import PAPER
 from study.results.load import counted
 from study.results.match import add_config_column
 from study.results.tables import DATASET_LABELS, Table

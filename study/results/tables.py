@@ -3,7 +3,7 @@
 A table is rows x columns of cells. Each row and column carries conditions on config columns; a cell's
 trials are the counted trials meeting both (see :mod:`study.results.match` for the seeds and best-
 configuration rules). Each cell holds our value (mean +- std over the seeds of the chosen configuration),
-the paper's reference value from :data:`study.paper.PAPER` where it gives one, and their difference.
+the paper's reference value from :data:`study.results.paper.PAPER` where it gives one, and their difference.
 
 Dataset rule: every table except ``datasets`` is built for one dataset at a time (never mixing them). The
 paper's numbers are VeRi-776; the difference is computed only when ours are on VeRi-776 too, otherwise
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from reid_core.config import DATASETS, LOSSES
-from study.paper import PAPER, Ref
+from study.results.paper import PAPER, Ref
 from study.results.load import COUNTED, check_kind, counted
 from study.results.match import add_config_column, describe, same_value, select, where_mask
 

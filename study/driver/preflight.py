@@ -9,10 +9,8 @@ config is checked against it, and the index is handed to the trials.
   A dataset root the driver cannot see is read by one small Ray task on a worker node instead
   (:func:`scan_remote`), when the study runs on an existing cluster.
 
-Every failure is a :class:`PreflightError` whose one-line message names the folder, file or setting
-and what to change. Inside a trial, a deterministic error (a config or data error: the same input gives
-the same error on every attempt) is reported with :data:`TRIAL_ERROR_KEY` so that neither Train nor
-Tune retries it (:func:`is_deterministic`).
+Every failure is a :class:`~study.trial.errors.PreflightError` whose one-line message names the folder,
+file or setting and what to change (inside a trial, the same errors follow :mod:`study.trial.errors`).
 
 Choice for K above an identity's image count: a warning with the counts, once per dataset and K (the
 sampler then draws that identity's images with replacement, so a batch repeats images).
@@ -27,60 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from reid_core.config import Config, ConfigError
+from reid_core.config import Config
+from reid_core.data import synthetic
 from reid_core.data.datasets import DatasetError, ReIDDataset, build_dataset
-
-TRIAL_ERROR_KEY = "trial_error"  # result key of a trial that ended on a deterministic error (its message)
-
-
-class PreflightError(ValueError):
-    """Bad input found before any trial: the message names the folder, file or setting and the fix."""
-
-
-def is_deterministic(exc: BaseException) -> bool:
-    """Config and data errors repeat on every attempt: retrying them only costs time."""
-    return isinstance(exc, (ConfigError, DatasetError, PreflightError))
-
-
-def error_result(exc: BaseException, metric: str, epoch: int = 0) -> dict[str, Any]:
-    """The one result a trial reports before it fails on a deterministic error (Tune needs the metric)."""
-    return {TRIAL_ERROR_KEY: error_line(exc), "epoch": epoch, metric: float("nan")}
-
-
-TRIAL_ERROR_FILE = "trial_error.txt"  # in a Tune trial's folder: the message its workers stopped on
-
-
-def write_trial_error(folder_uri: str, message: str) -> None:
-    """Leave ``message`` in a trial's folder (a local path or a pyarrow URI), for its trainable to raise:
-    Ray Train hands back only the metrics reported with a checkpoint."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(folder_uri)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{TRIAL_ERROR_FILE}") as out:
-        out.write(message.encode("utf-8"))
-
-
-def read_trial_error(folder_uri: str, remove: bool = False) -> str | None:
-    """The message :func:`write_trial_error` left, or None; ``remove``: delete it (a rerun starts clean)."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(folder_uri)
-    target = f"{path}/{TRIAL_ERROR_FILE}"
-    if fs.get_file_info(target).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(target) as fh:
-        message = fh.read().decode("utf-8")
-    if remove:
-        fs.delete_file(target)
-    return message
-
-
-def error_line(exc: BaseException) -> str:
-    """An exception as one line: its type and the last line of its message."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}".rstrip(": ")
-
+from study.space.plan import dataset_key
+from study.trial.errors import PreflightError
 
 @dataclass
 class DataFacts:
@@ -277,15 +226,6 @@ class Preflight:
                    f"first trial" for key in sorted(self.deferred)])
 
 
-def dataset_key(cfg: Config) -> str:
-    """Key of a trial's dataset in :attr:`Preflight.index` (the same for every trial reading it)."""
-    if cfg.data.dataset == "synthetic" and not cfg.data.root:
-        from reid_core.data import synthetic
-
-        return f"synthetic|{synthetic.cache_key(cfg.data.synthetic)}"
-    return f"{cfg.data.dataset}|{cfg.data.root}"
-
-
 def visible(root: str) -> bool:
     return "://" not in root and Path(root).is_dir()
 
@@ -299,8 +239,6 @@ def preflight(configs: Iterable[Config], workers: int, *, generate: bool, unseen
     cannot see: ``error``; ``defer`` (recorded in ``deferred``, its configs not checked yet); ``remote``
     (read by a Ray task on the cluster; Ray must be connected). ``done``: an earlier outcome whose
     datasets are not read again."""
-    from reid_core.data import synthetic
-
     out = done or Preflight()
     out.deferred = set()
     seen: set[tuple[str, int, int]] = set()

@@ -21,15 +21,16 @@ rank, in rank order, joined by ``,``: where the trial runs, which changes when a
 retried), ``skipped_images`` (unreadable images skipped so far), ``epoch_s`` (seconds of training and
 evaluation of this epoch) and the trial's set-up times, in seconds (see :data:`TIMING_KEYS`).
 
-A config or data error (:func:`study.preflight.is_deterministic`) fails the same way on every attempt: the
+A config or data error (:func:`study.trial.errors.is_deterministic`) fails the same way on every attempt: the
 loop reports it once (``trial_error``), rank 0 writes ``trial_error.txt`` in the trial folder, and the loop
-returns, so that neither Train nor Tune retries; the trainable then raises it (see :mod:`study.trainable`).
+returns, so that neither Train nor Tune retries; the trainable then raises it (see :mod:`study.trial.trainable`).
 
 A checkpoint folder holds the Trainer's ``checkpoint.pt`` and ``study_state.json`` (last and best
 evaluation), so a restarted trial or worker group carries on where it stopped.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -40,12 +41,15 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+import pyarrow.fs as pafs
 import ray
+import ray.train
+from ray import tune
+from ray.tune import Checkpoint
 
-from reid_core.config import Config
-from study.preflight import TRIAL_ERROR_KEY, error_result, is_deterministic, write_trial_error
+from reid_core.config import EVAL_METRICS, Config
+from study.trial.errors import TRIAL_ERROR_KEY, error_result, is_deterministic, write_trial_error
 
-EVAL_KEYS = ("mAP", "R1", "R5", "R10", "mINP")
 CMC_RANKS = 20
 STATE_FILE = "study_state.json"
 SAVED_RESULT_KEY = "result"  # in STATE_FILE: the result reported with the checkpoint
@@ -89,8 +93,6 @@ class TuneSession:
         self.trial_folder = trial_folder
 
     def resume_from(self) -> tuple[Any, bool]:
-        from ray import tune
-
         registered = tune.get_checkpoint()
         found = persisted_checkpoints(self.trial_folder) if self.trial_folder else []
         if found and (registered is None or _checkpoint_index(found[0].path) > _checkpoint_index(registered.path)):
@@ -98,8 +100,6 @@ class TuneSession:
         return registered, True
 
     def report(self, result: dict[str, Any], folder: Path | None) -> None:
-        from ray import tune
-
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)) if folder else None)
 
 
@@ -110,20 +110,14 @@ class TrainSession:
     hook_wait_s = 5.0
 
     def __init__(self) -> None:
-        import ray.train
-
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
 
     def resume_from(self) -> tuple[Any, bool]:
-        import ray.train
-
         # Train's own snapshot in the trial folder, written before its report reaches Tune
         return ray.train.get_checkpoint(), True
 
     def report(self, result: dict[str, Any], folder: Path | None) -> None:
-        import ray.train
-
         ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
 
 
@@ -139,9 +133,7 @@ def persisted_checkpoints(trial_folder: str) -> list[Any]:
 
     Complete: the folder holds the study state and a ``checkpoint.pt`` whose zip directory (written last
     by ``torch.save``) is intact, so a copy cut short by a dying process is passed over."""
-    import pyarrow.fs as pafs
-    from ray.tune import Checkpoint
-
+    # reid_core.engine imports the whole engine (torch, models, data): kept out of this module's import
     from reid_core.engine.checkpoint import CHECKPOINT_FILE
 
     fs, root = pafs.FileSystem.from_uri(trial_folder)
@@ -165,14 +157,14 @@ def persisted_checkpoints(trial_folder: str) -> list[Any]:
 
 def empty_state() -> dict[str, Any]:
     nan = float("nan")
-    return {"last": {k: nan for k in EVAL_KEYS}, "eval_epoch": 0,
-            "best": {k: nan for k in EVAL_KEYS}, "best_epoch": 0, "best_cmc": []}
+    return {"last": {k: nan for k in EVAL_METRICS}, "eval_epoch": 0,
+            "best": {k: nan for k in EVAL_METRICS}, "best_epoch": 0, "best_cmc": []}
 
 
 def update_state(state: dict[str, Any], evaluation: dict[str, Any], epoch: int, metric: str, mode: str) -> None:
     """Record an evaluation (percent) as the last one, and as the best when it beats the best ``metric``."""
-    reranked = [f"{k}_rerank" for k in EVAL_KEYS if f"{k}_rerank" in evaluation]  # with eval.rerank
-    state["last"] = {k: float(evaluation[k]) for k in (*EVAL_KEYS, *reranked)}
+    reranked = [f"{k}_rerank" for k in EVAL_METRICS if f"{k}_rerank" in evaluation]  # with eval.rerank
+    state["last"] = {k: float(evaluation[k]) for k in (*EVAL_METRICS, *reranked)}
     state["eval_epoch"] = epoch
     best = state["best"][metric]
     value = state["last"][metric]
@@ -242,7 +234,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def run_loop(loop_config: dict[str, Any], session: Session, entered_at: float) -> None:
-    """Train one trial to its budget. ``loop_config``: ``config`` (Config as a nested dict),
+    """Train one trial to its budget. ``loop_config``: ``config`` (the trial's validated Config, built once by
+    the trainable),
     ``eval_epochs`` (extra epochs to evaluate: ASHA rungs), ``metric``, ``mode``, ``fail_hook`` (tests),
     ``dataset`` (the driver's dataset index as an object reference, or None), ``trial_folder`` (the Tune
     trial's folder, where a deterministic error is written)."""
@@ -266,9 +259,9 @@ def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> 
     from reid_core.engine import Trainer  # pulls in torch models and data: free in a reused process
 
     imported = time.perf_counter()
-    cfg = Config.from_dict(loop_config["config"]).validate()
     scratch = Path(tempfile.mkdtemp(prefix="moreid-trial-"))
-    cfg = cfg.replace({"train.output_dir": str(scratch)})
+    cfg: Config = copy.deepcopy(loop_config["config"])  # validated by the trainable; this copy writes to scratch
+    cfg.train.output_dir = str(scratch)
     device = None
     if cfg.train.device != "cpu" and isinstance(session, TrainSession):
         from ray.train.torch import get_device

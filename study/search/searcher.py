@@ -1,5 +1,5 @@
 """The Tune searcher of a study: an explicit plan (grid / seeded random) or Optuna TPE per grid cell,
-every trial recorded in the study's Optuna storage (:mod:`study.optuna_record`).
+every trial recorded in the study's Optuna storage (:mod:`study.search.optuna_record`).
 
 Trial configs are flat ``{dotted config key: value}`` dicts plus ``cell`` (the grid cell's index). With the
 Optuna searcher every grid cell (a combination of ``grid`` values and seeds) gets its own seeded TPE
@@ -7,20 +7,21 @@ search of ``num_samples`` trials, so that for instance the best ``loss.k`` is fo
 baseline and for MoReID. Optuna is asked directly (``study.ask()`` and the space's define-by-run
 ``sample``) rather than through Ray's ``OptunaSearch``, which tells Optuna COMPLETE with the truncated
 score for a trial ASHA stopped; here the searcher only creates trials and
-:class:`study.optuna_record.OptunaRecorder` writes their outcome (PRUNED for early stops), which TPE
+:class:`study.record.optuna.OptunaRecorder` writes their outcome (PRUNED for early stops), which TPE
 then reads from the storage.
 """
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
 
 from reid_core.config import flatten
-from study.optuna_record import (CELL_KEY, PLAN_INDEX_ATTR, TUNE_ID_ATTR, OptunaRecord, grid_distributions,
-                                 param_value)
-from study.space import SearchSpace, plan, trial_config
+from study.search.optuna_record import (CELL_KEY, PLAN_INDEX_ATTR, TUNE_ID_ATTR, OptunaRecord, grid_distributions,
+                                        param_value)
+from study.space import PlannedTrial, SearchSpace, plan, trial_config
 
 __all__ = ["CELL_KEY", "StudySearcher"]
 
@@ -28,7 +29,10 @@ __all__ = ["CELL_KEY", "StudySearcher"]
 class StudySearcher(Searcher):
     """Suggests the study's trials; ``Searcher.FINISHED`` once every planned trial has been handed out."""
 
-    def __init__(self, space: SearchSpace, record: OptunaRecord, startup_trials: int = 10) -> None:
+    def __init__(self, space: SearchSpace, record: OptunaRecord, startup_trials: int = 10,
+                 trials: list[PlannedTrial] | None = None) -> None:
+        """``trials``: the study's plan as :func:`study.space.validate_plan` built it (each planned trial's
+        Config already flattened); planned here when not given."""
         super().__init__(metric=space.metric, mode=space.mode)
         self.space = space
         self.record = record
@@ -41,9 +45,11 @@ class StudySearcher(Searcher):
                              for index in range(len(self.cells))]
             self.queue: list[tuple[int, dict[str, Any]]] = []
         else:
-            self.queue = [(t.cell, t.params) for t in plan(space)]
+            planned = plan(space) if trials is None else trials
+            self.queue = [(t.cell, t.params) for t in planned]
             self.samplers = []
-            self.flat = [flatten(trial_config(space.base, params)) for _, params in self.queue]
+            self.flat = [t.config if t.config is not None else flatten(trial_config(space.base, t.params))
+                         for t in planned]
             self.distributions = grid_distributions(space, self.flat)
         self.next_index = 0
 
@@ -92,7 +98,7 @@ class StudySearcher(Searcher):
         params = {key: param_value(self.flat[index][key]) for key in self.distributions}
         self.record.add_running(cell, params, self.distributions, {TUNE_ID_ATTR: trial_id, PLAN_INDEX_ATTR: index})
 
-    # Outcomes are written by study.optuna_record.OptunaRecorder (a Tune callback): nothing to do here.
+    # Outcomes are written by study.record.optuna.OptunaRecorder (a Tune callback): nothing to do here.
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass
 
@@ -100,13 +106,9 @@ class StudySearcher(Searcher):
         pass
 
     def save(self, checkpoint_path: str) -> None:
-        import pickle
-
         with open(checkpoint_path, "wb") as fh:
             pickle.dump(self.__dict__.copy(), fh)
 
     def restore(self, checkpoint_path: str) -> None:
-        import pickle
-
         with open(checkpoint_path, "rb") as fh:
             self.__dict__.update(pickle.load(fh))

@@ -1,5 +1,5 @@
 """What TensorBoard shows of a study, as a person reads it in the browser (the writer itself:
-:class:`study.callbacks.TensorBoardHParams`).
+:class:`study.record.callbacks.TensorBoardHParams`).
 
 ``tensorboard/`` holds one run per trial, named readably (``003 lr=0.001 framework.name=moreid``, the
 number in the order trials started) rather than by Tune's 8-character trial id, with per-epoch scalars
@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 import time
 from typing import Any, Mapping
+
+from tensorboard.plugins.hparams import summary_v2 as hp
 
 from study.space import SearchSpace, expand
 
@@ -45,8 +47,6 @@ def run_name(number: int, values: Mapping[str, Any]) -> str:
 
 def _domain(space: SearchSpace, key: str) -> Any:
     """The HParams domain of a searched key (a range or its discrete values), or None when mixed."""
-    from tensorboard.plugins.hparams import summary_v2 as hp
-
     for param in space.params:
         if param.numeric and param.name == key:
             if param.type == "int":
@@ -65,8 +65,6 @@ def _domain(space: SearchSpace, key: str) -> Any:
 
 def experiment_summary(space: SearchSpace) -> Any:
     """The HParams experiment summary (a ``Summary`` protobuf) of ``space``."""
-    from tensorboard.plugins.hparams import summary_v2 as hp
-
     hparams = [hp.HParam(key, _domain(space, key)) for key in hparam_keys(space)]
     metrics = [hp.Metric(tag, display_name=name) for tag, name in METRICS]
     return hp.hparams_config_pb(hparams=hparams, metrics=metrics, time_created_secs=time.time())

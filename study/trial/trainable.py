@@ -1,7 +1,7 @@
 """The Tune trainable of a study: one Tune trial trains one configuration, in one of two ways.
 
 - **One worker** (``workers_per_trial: 1``, the common case): the trial's own process runs the training
-  loop (:func:`study.worker.run_in_trial`) and reserves the worker's CPUs and GPUs itself. Nothing else
+  loop (:func:`study.trial.worker.run_in_trial`) and reserves the worker's CPUs and GPUs itself. Nothing else
   starts, and Tune reuses trial processes (``reuse_actors``), so a trial starts in about a second.
   Checkpoints go to Tune (``ray.tune.report``); a trial whose process dies is retried by Tune from its
   last checkpoint (``tune.get_checkpoint()``), so worker retries are Tune trial retries on this path.
@@ -21,10 +21,15 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from reid_core.config import ConfigError, config_keys
-from study.preflight import PreflightError, dataset_key, error_result, read_trial_error
-from study.space import trial_config
+from reid_core.config import ConfigError
+from study.space.plan import dataset_key, trial_params
+from study.space.schema import trial_config
+from study.trial.errors import PreflightError, error_result, read_trial_error
+from study.trial.worker import run_in_trial, train_loop
 
 TRAIN_RUN_NAME = "train"
 # A several-worker trial's own process only waits on its Train run; it reserves a sliver of memory rather
@@ -49,7 +54,7 @@ class TrialSetup:
     mode: str = "max"
     fail_hook: dict[str, Any] | None = None  # tests: {"epoch": N, "marker": path}
     worker_env: dict[str, str] = field(default_factory=dict)
-    # The driver's dataset index per study.preflight.dataset_key (Ray object references): trials train
+    # The driver's dataset index per study.space.plan.dataset_key (Ray object references): trials train
     # from it instead of reading the dataset again.
     datasets: dict[str, Any] = field(default_factory=dict)
 
@@ -59,16 +64,10 @@ class TrialSetup:
         return self.workers == 1
 
 
-def trial_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The config keys of a Tune trial config (drops the searcher's bookkeeping: cell, bundle indices)."""
-    keys = config_keys()
-    return {k: v for k, v in config.items() if k in keys}
-
-
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: train the trial to the end (or until Tune stops it), in this process or in
     a TorchTrainer. A deterministic error (config or data) is reported once and raised, and not retried
-    (see :mod:`study.preflight`)."""
+    (see :mod:`study.driver.preflight`)."""
     try:
         cfg = trial_config(setup.base, trial_params(config))
     except ConfigError as exc:
@@ -76,13 +75,11 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         raise
     trial_dir = PurePosixPath(tune.get_context().get_trial_dir()).name
     trial_folder = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
-    loop = {"config": cfg.to_dict(), "eval_epochs": setup.eval_epochs, "metric": setup.metric, "mode": setup.mode,
+    loop = {"config": cfg, "eval_epochs": setup.eval_epochs, "metric": setup.metric, "mode": setup.mode,
             "fail_hook": setup.fail_hook, "dataset": setup.datasets.get(dataset_key(cfg)),
-            "trial_folder": trial_folder}  # what study.worker.run_loop needs
+            "trial_folder": trial_folder}  # what study.trial.worker.run_loop needs
     read_trial_error(trial_folder, remove=True)  # one left by an earlier attempt (a resumed study reruns errors)
     if setup.in_process:
-        from study.worker import run_in_trial
-
         os.environ.update(setup.worker_env)  # what Train would have put in its workers' environment
         run_in_trial(loop)
     else:
@@ -93,16 +90,12 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 
 def _fit_torch_trainer(loop: dict[str, Any], setup: TrialSetup) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = setup.gpus_per_worker
     trainer = TorchTrainer(
-        train_loop_per_worker=_loop,
+        train_loop_per_worker=train_loop,
         train_loop_config=loop,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=setup.workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -117,12 +110,6 @@ def _fit_torch_trainer(loop: dict[str, Any], setup: TrialSetup) -> None:
         ),
     )
     trainer.fit()
-
-
-def _loop(loop: dict[str, Any]) -> None:
-    from study.worker import train_loop
-
-    train_loop(loop)
 
 
 def trial_resources(setup: TrialSetup) -> dict[str, float]:

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 from reid_core.files import write_atomic
 
 DEFAULT_STORAGE = "studies"
+STUDY_FILE = "study.json"  # in the study folder: the space as run, its overrides and resources (for --resume)
 
 
 class StorageError(ValueError):

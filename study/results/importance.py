@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from reid_core.files import write_atomic
-from study.optuna_record import OptunaRecord
+from study.search.optuna_record import OptunaRecord
 
 MIN_COMPLETE = 4
 
