@@ -1,10 +1,11 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+# `make test-fast`: the tests that do not start Ray (tests/core, tests/study), a few minutes on 2 cores.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench bench-quick clean
+.PHONY: venv demo test test-fast bench bench-quick clean
 
 venv: $(STAMP)
 
@@ -18,7 +19,10 @@ demo: venv
 	$(PY) -m study.run quickstart
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not ray" --durations=10 tests/core tests/study
 
 bench: venv
 	$(PY) -m benchmarks

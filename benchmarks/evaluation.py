@@ -1,4 +1,4 @@
-"""Evaluation speed and memory (DESIGN section 9): identical numbers to the per-query NumPy reference,
+"""Evaluation speed and memory (docs/design.md, "Performance yardsticks"): identical numbers to the per-query NumPy reference,
 many times faster, bounded memory at VeRi-Wild-large scale.
 
 1. Speed-up over ``reid_core.evaluation.reference`` on one 1,500 x 15,000 distance matrix (about

@@ -1,4 +1,4 @@
-"""Metric-loss cost against the distance matrix it consumes (DESIGN section 9).
+"""Metric-loss cost against the distance matrix it consumes (docs/design.md, "Performance yardsticks").
 
 For B = 64 anchors (P = 4 identities x K = 16) against M references (1,024 / 8,192 / 65,536 + 64, the
 MoReID dictionary plus the batch's keys), each loss's forward + backward is timed on a realistic distance
@@ -8,7 +8,7 @@ matrix and compared with:
   forward + backward to the queries, as in MoReID where the references (f_k's keys) carry no gradient.
   The floor includes the norms, the [B, D] x [D, M] matmul, clamp and square root, and in the backward
   the [B, M] gradient scaling and the [B, M] x [M, D] matmul. D = 512 (the issue's size, the stricter
-  floor) and D = 2,048 (ResNet-50 features, DESIGN section 9).
+  floor) and D = 2,048 (ResNet-50 features, docs/design.md, "Performance yardsticks").
 - a straightforward reference: ``reid_core.losses.reference`` (a Python loop over anchors with boolean
   indexing; for HE the full-sort closed form, the brute-force minimum over t being quadratic per anchor).
 

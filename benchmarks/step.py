@@ -1,6 +1,6 @@
 """Training step cost: MoReID (f_q + f_k + dictionary) against the baseline (f_q only), same model and batch.
 
-DESIGN section 9: the only extra cost of MoReID should be one forward pass of f_k plus the dictionary.
+docs/design.md, "Performance yardsticks": the only extra cost of MoReID should be one forward pass of f_k plus the dictionary.
 On the CPU: ResNet-18 at 128x64, batch 32 = 8 ids x 4, HE loss, S = 8192 (dictionary filled first).
 Both steps are the engine's own :class:`reid_core.engine.trainer.TrainStep` (forward, backward,
 optimizer, momentum update, enqueue, schedule), run alternately so that machine load affects both

@@ -25,7 +25,8 @@ import yaml
 
 from study.driver.checks import (check_address, check_data, check_optuna_storage, check_storage, check_study_name,
                                  replace_unfinished, run_preflight)
-from study.driver.storage import DEFAULT_STORAGE, STUDY_FILE, StorageError, StudyStorage, is_uri
+from study.driver.storage import DEFAULT_STORAGE, StorageError, StudyStorage, is_uri
+from study.layout import STUDY_FILE
 from study.space import SearchSpace, SpaceError, load_space, parse_space, resolve_path, validate_plan
 from study.trial.errors import PreflightError, error_line
 

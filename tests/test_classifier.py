@@ -1,4 +1,4 @@
-"""Identity classifiers: linear and CircleSoftmax (DESIGN sections 4 and 11)."""
+"""Identity classifiers: linear and CircleSoftmax (docs/design.md, "The model" and "The authors' regime")."""
 from __future__ import annotations
 
 import math

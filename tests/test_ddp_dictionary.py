@@ -1,4 +1,4 @@
-"""Under data parallelism every worker ends with the same dictionary and the same f_k (DESIGN section 2).
+"""Under data parallelism every worker ends with the same dictionary and the same f_k (docs/design.md, "The method").
 
 Two real processes with a gloo process group (torch.multiprocessing spawn, file:// rendezvous).
 """

@@ -1,4 +1,4 @@
-"""Metric losses, distances and the classification loss (DESIGN section 3)."""
+"""Metric losses, distances and the classification loss (docs/design.md, "The losses")."""
 from __future__ import annotations
 
 import math

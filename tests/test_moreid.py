@@ -1,4 +1,4 @@
-"""MoReID and baseline frameworks: dictionary, momentum encoder, reference masks, steps (DESIGN section 2)."""
+"""MoReID and baseline frameworks: dictionary, momentum encoder, reference masks, steps (docs/design.md, "The method")."""
 from __future__ import annotations
 
 import copy

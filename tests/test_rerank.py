@@ -196,7 +196,8 @@ def test_study_results_carry_rerank_columns(tmp_path):
 
     from ray.tune.experiment import Trial
 
-    from study.record.common import FIXED_COLUMNS, RESULTS_FILE, TrialInfo
+    from study.layout import RESULTS_FILE
+    from study.record.common import FIXED_COLUMNS, TrialInfo
     from study.record.results_csv import ResultsCsv
     from study.space import load_space
     from study.driver.storage import StudyStorage

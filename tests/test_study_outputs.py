@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from reid_core.config import Config, flatten
-from study.record.common import FIXED_COLUMNS, RESULTS_FILE, TrialInfo
+from study.layout import RESULTS_FILE
+from study.record.common import FIXED_COLUMNS, TrialInfo
 from study.record.console import Progress
 from study.record.results_csv import ResultsCsv
 from study.record.tensorboard import TensorBoardHParams

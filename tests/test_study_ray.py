@@ -7,7 +7,7 @@ several workers run a Ray Train TorchTrainer. Both paths are covered:
   (reached with --address, stopped by its process id), a study whose driver is killed mid-study, resumed
   with --resume without re-running finished trials;
 - two CPU workers (DDP over gloo): an ASHA study whose first trial's rank-0 worker dies once and is retried
-  from its checkpoint, with trials stopped early and trials after them still starting (DESIGN section 7's
+  from its checkpoint, with trials stopped early and trials after them still starting (docs/design.md, "The study platform"
   trap: Train must give back the resources of a run Tune stopped).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every reader returns a :class:`ReIDDataset`: three lists of :class:`Sample` (train, query, gallery) with
 person/vehicle ids as written in the file names and camera ids made 0-based. Layouts are those of
-DESIGN.md section 5. A missing folder or list file, or a file name that does not parse, raises
+docs/design.md, "Data". A missing folder or list file, or a file name that does not parse, raises
 :class:`DatasetError` naming it.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Straightforward per-query NumPy evaluation, as the re-ID toolboxes compute it (DESIGN.md section 6).
+"""Straightforward per-query NumPy evaluation, as the re-ID toolboxes compute it (docs/design.md, "Evaluation protocol").
 
 It is the yardstick that :func:`reid_core.evaluation.evaluate_rank` must agree with (to 1e-6), and the
 baseline of the evaluation benchmark. One loop iteration per query:

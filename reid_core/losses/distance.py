@@ -1,4 +1,4 @@
-"""Anchor-to-reference distance matrices (DESIGN section 3, "Distance").
+"""Anchor-to-reference distance matrices (docs/design.md, "The losses": distances).
 
 ``euclidean``: d(x, y) = ||x - y||_2, computed with the matmul expansion
 |x|^2 + |y|^2 - 2 x.y, clamped at 1e-12 before the square root so that the value and the gradient stay

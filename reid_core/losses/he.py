@@ -1,4 +1,4 @@
-"""Hard-distance Elastic loss, the paper's HE by its equation (DESIGN section 3)."""
+"""Hard-distance Elastic loss, the paper's HE by its equation (docs/design.md, "The losses")."""
 from __future__ import annotations
 
 import torch

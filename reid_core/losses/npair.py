@@ -1,4 +1,4 @@
-"""N-pair loss, tripletwise variant (supplementary B; DESIGN section 3)."""
+"""N-pair loss, tripletwise variant (supplementary B; docs/design.md, "The losses")."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Ranked List loss (Wang et al., CVPR 2019; supplementary B; DESIGN section 3)."""
+"""Ranked List loss (Wang et al., CVPR 2019; supplementary B; docs/design.md, "The losses")."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """Straightforward per-anchor reference implementations of the metric losses.
 
-One Python loop over anchors with boolean indexing, written from DESIGN section 3 as literally as
+One Python loop over anchors with boolean indexing, written from docs/design.md, "The losses" as literally as
 possible. They are slow on purpose: the tests check the vectorized losses against them and the benchmark
 measures the vectorized losses against them. Same signature as the losses: ``(dist, pos, neg) -> [B]``.
 """

@@ -1,4 +1,4 @@
-"""Triplet loss: batch-hard mining, or FastReID's softmax-weighted mining (DESIGN sections 3 and 11)."""
+"""Triplet loss: batch-hard mining, or FastReID's softmax-weighted mining (docs/design.md, "The losses" and "The authors' regime")."""
 from __future__ import annotations
 
 import torch

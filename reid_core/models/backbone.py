@@ -1,4 +1,4 @@
-"""ResNet backbones for re-ID (DESIGN.md section 4): torchvision ResNet-18/34/50/101 with options.
+"""ResNet backbones for re-ID (docs/design.md, "The model"): torchvision ResNet-18/34/50/101 with options.
 
 - ``last_stride=1`` removes the down-sampling of layer4: the feature map has stride 16 instead of 32.
 - ``ibn=True``: IBN-a, the first norm (``bn1``) of every block of layers 1-3 becomes :class:`IBN`.
@@ -21,11 +21,11 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from reid_core.config import ARCHS
 from reid_core.models.layers import IBN, NonLocal
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 NON_LOCAL_BLOCKS = {"layer2": 2, "layer3": 3}  # non-local blocks after the last blocks of these layers
 
 

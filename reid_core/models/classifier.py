@@ -1,4 +1,4 @@
-"""Identity classifiers on the BNNeck feature: linear, or CircleSoftmax (DESIGN sections 4 and 11).
+"""Identity classifiers on the BNNeck feature: linear, or CircleSoftmax (docs/design.md, "The model" and "The authors' regime").
 
 A classifier maps ``bn_feat [B, D]`` to scores ``[B, C]`` without knowing the labels (so the model's
 forward, DDP-wrapped or not, needs none), and :meth:`train_logits` turns those scores and the labels into

@@ -1,4 +1,4 @@
-"""Building blocks of the re-ID backbone and head (DESIGN.md section 4, after FastReID).
+"""Building blocks of the re-ID backbone and head (docs/design.md, "The model", after FastReID).
 
 - :class:`GeM`: generalized-mean pooling with a learnable exponent p.
 - :class:`IBN`: IBN-a normalization, InstanceNorm on the first half of the channels, BatchNorm on the rest.

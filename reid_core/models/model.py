@@ -1,4 +1,4 @@
-"""The re-ID model: backbone, pooling, BNNeck embedding head and classifier (DESIGN.md sections 4 and 11).
+"""The re-ID model: backbone, pooling, BNNeck embedding head and classifier (docs/design.md, "The model" and "The authors' regime").
 
 ``feat`` (pooled, before the BNNeck) feeds the metric losses, ``bn_feat`` (after the BNNeck) feeds the
 classifier (Luo et al., "Bag of Tricks", 2019); test features are either, per ``ModelConfig.test_feature``.

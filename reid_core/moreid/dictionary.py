@@ -1,4 +1,4 @@
-"""The MoReID dictionary: a FIFO ring of past keys from f_k with their identity labels (DESIGN section 2)."""
+"""The MoReID dictionary: a FIFO ring of past keys from f_k with their identity labels (docs/design.md, "The method")."""
 from __future__ import annotations
 
 import torch

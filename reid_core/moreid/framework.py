@@ -1,7 +1,7 @@
 """Training frameworks: the baseline (references from the current batch) and MoReID (f_k + dictionary).
 
 ``framework(images, labels) -> StepOutput``; the metric loss sees a distance matrix and masks built here
-(DESIGN sections 2 and 3). ``framework.encoder`` is f_q; a trainer may replace it by a
+(docs/design.md, "The method" and "The losses"). ``framework.encoder`` is f_q; a trainer may replace it by a
 DistributedDataParallel wrapper, so the model inside is always reached through ``.module`` when present.
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Baseline(Framework):
 
 
 class MoReID(Framework):
-    """f_q (trained) and f_k (its momentum average) with a dictionary of past keys (DESIGN section 2)."""
+    """f_q (trained) and f_k (its momentum average) with a dictionary of past keys (docs/design.md, "The method")."""
 
     def __init__(self, cfg: Config, model: nn.Module) -> None:
         super().__init__(cfg, model)
@@ -122,7 +122,7 @@ class MoReID(Framework):
         """``(dist [B, B + S], pos, neg)`` of the queries against [current keys ++ dictionary slots].
 
         Positives: current keys with the query's label; each query's own key counts as a positive
-        (MoCo-style, DESIGN: "positives = keys of the current batch with the same identity").
+        (MoCo-style, docs/design.md, "The method": "positives = keys of the current batch with the same identity").
         Negatives: current and dictionary keys with another label. Past keys with the query's label are
         neither ("negative samples at large"), or positives with ``include_past_positives``. Empty
         dictionary slots are neither.

@@ -1,4 +1,4 @@
-"""The forward-only key encoder f_k and its momentum update θ_k ← m·θ_k + (1 − m)·θ_q (DESIGN section 2)."""
+"""The forward-only key encoder f_k and its momentum update θ_k ← m·θ_k + (1 − m)·θ_q (docs/design.md, "The method")."""
 from __future__ import annotations
 
 import copy

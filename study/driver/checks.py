@@ -14,8 +14,8 @@ import grpc  # a dependency of Ray, much lighter than importing Ray
 
 from study.driver.preflight import Preflight, preflight
 from study.driver.storage import StudyStorage, is_uri
-from study.record.common import RESULTS_FILE
-from study.search.optuna_record import OPTUNA_DB, OptunaRecord, default_url, study_names
+from study.layout import OPTUNA_DB, RESULTS_FILE
+from study.search.optuna_record import OptunaRecord, default_url, study_names
 from study.space import SearchSpace, SpaceError, checked_params, plan
 from study.space.schema import NAME_RE
 

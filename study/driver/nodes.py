@@ -17,6 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from study.space import SpaceError
 
 MARKER_PREFIX = ".storage-check-"
@@ -47,9 +50,6 @@ def _read_marker(path: str, token: str) -> tuple[str, bool]:
 def node_views(folder: Path, timeout_s: float = ANSWER_TIMEOUT_S) -> tuple[list[NodeView], list[str]]:
     """Ask every alive node of the connected Ray cluster whether it sees ``folder`` as the driver does.
     Returns the answers and the addresses of nodes that did not answer within ``timeout_s``."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     nodes = [n for n in ray.nodes() if n["Alive"]]
     token = secrets.token_hex(16)
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,8 +78,6 @@ def node_views(folder: Path, timeout_s: float = ANSWER_TIMEOUT_S) -> tuple[list[
 def check_storage_visible(folder: Path, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
     """Raise :class:`SpaceError` when some node of a multi-node cluster does not see the local study
     ``folder`` (the one the driver writes). A single-node Ray needs no check."""
-    import ray
-
     if sum(1 for n in ray.nodes() if n["Alive"]) < 2:
         return
     views, unanswered = node_views(folder, timeout_s)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from study.driver.guards import SAME_ERROR_TRIALS
 from study.driver.storage import StudyStorage
-from study.record.common import RESULTS_FILE, TENSORBOARD_DIR
+from study.layout import RESULTS_FILE, TENSORBOARD_DIR
 from study.results import write_report as report
 from study.results.importance import append_importances
 from study.results.summary import closing_summary

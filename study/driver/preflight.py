@@ -12,6 +12,9 @@ config is checked against it, and the index is handed to the trials.
 Every failure is a :class:`~study.trial.errors.PreflightError` whose one-line message names the folder,
 file or setting and what to change (inside a trial, the same errors follow :mod:`study.trial.errors`).
 
+Ray is imported only by the functions that read on the cluster (:func:`reading_node`, :func:`scan_remote`):
+the driver runs the preflight before Ray starts, and a dry run never imports it.
+
 Choice for K above an identity's image count: a warning with the counts, once per dataset and K (the
 sampler then draws that identity's images with replacement, so a batch repeats images).
 """

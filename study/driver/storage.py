@@ -8,6 +8,7 @@ the study folder itself when storage is local, else a staging folder on the driv
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import pyarrow.fs as pafs
 from reid_core.files import write_atomic
 
 DEFAULT_STORAGE = "studies"
-STUDY_FILE = "study.json"  # in the study folder: the space as run, its overrides and resources (for --resume)
 
 
 class StorageError(ValueError):
@@ -89,8 +89,6 @@ class StudyStorage:
 
     def remove(self) -> None:
         """Delete the study folder (and the driver's local copy of a remote one)."""
-        import shutil
-
         if self.remote:
             self._fs.delete_dir(self._fs_path)
         shutil.rmtree(self.local, ignore_errors=True)

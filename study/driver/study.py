@@ -19,13 +19,14 @@ from study.driver.nodes import check_storage_visible
 from study.driver.outcome import print_summary, study_outcome, write_study_report
 from study.driver.preflight import Preflight
 from study.driver.ray_runtime import check_local_resources, forget_previous_session, init_ray, resource_line
-from study.driver.storage import STUDY_FILE, StudyStorage
+from study.driver.storage import StudyStorage
 from study.record.common import TrialInfo, planned_configs
 from study.record.console import Progress
 from study.record.optuna import OptunaRecorder
 from study.record.results_csv import ResultsCsv
 from study.record.tensorboard import TensorBoardHParams
-from study.search.optuna_record import OPTUNA_DB, OptunaRecord
+from study.layout import OPTUNA_DB, STUDY_FILE
+from study.search.optuna_record import OptunaRecord
 from study.search.searcher import StudySearcher
 from study.space import PlannedTrial, SearchSpace, validate_plan
 from study.trial.trainable import TrialSetup, make_trainable

@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # only annotations: the driver's checks read this module's fi
 FIXED_COLUMNS = ("study", "trial_id", "status", "epochs",
                  *(f"final_{k}" for k in EVAL_METRICS), *(f"best_{k}" for k in EVAL_METRICS),
                  "best_epoch", "cmc", "searched", "skipped_images", "error")
-RESULTS_FILE = "results.csv"
-TENSORBOARD_DIR = "tensorboard"
 
 
 def finite_number(value: Any) -> float | None:

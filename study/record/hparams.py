@@ -22,7 +22,7 @@ from study.space import SearchSpace, expand
 # Shown when a study searches nothing (a single configuration), so the table still says what ran.
 DEFAULT_HPARAMS = ("loss.name", "framework.name")
 # (tag, display name) of the experiment's metrics, in the table's column order.
-METRICS = (("eval/mAP", "mAP"), ("best/mAP", "best mAP"), ("eval/R1", "R1"), ("eval/mINP", "mINP"),
+HPARAMS_METRICS = (("eval/mAP", "mAP"), ("best/mAP", "best mAP"), ("eval/R1", "R1"), ("eval/mINP", "mINP"),
            ("loss/total", "loss"))
 RUN_NAME_CHARS = 90
 
@@ -66,5 +66,5 @@ def _domain(space: SearchSpace, key: str) -> Any:
 def experiment_summary(space: SearchSpace) -> Any:
     """The HParams experiment summary (a ``Summary`` protobuf) of ``space``."""
     hparams = [hp.HParam(key, _domain(space, key)) for key in hparam_keys(space)]
-    metrics = [hp.Metric(tag, display_name=name) for tag, name in METRICS]
+    metrics = [hp.Metric(tag, display_name=name) for tag, name in HPARAMS_METRICS]
     return hp.hparams_config_pb(hparams=hparams, metrics=metrics, time_created_secs=time.time())

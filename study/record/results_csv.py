@@ -19,7 +19,8 @@ from ray.tune.experiment import Trial
 from reid_core.config import EVAL_METRICS
 from study.driver.storage import StudyStorage
 from study.trial.errors import TRIAL_ERROR_KEY
-from study.record.common import (FIXED_COLUMNS, RESULTS_FILE, TrialInfo, config_cell, failure_reason, metric_cell,
+from study.layout import RESULTS_FILE
+from study.record.common import (FIXED_COLUMNS, TrialInfo, config_cell, failure_reason, metric_cell,
                                  finite_number)
 
 # results.csv is rewritten for epoch results at most this often (seconds); trial starts and ends at once.

@@ -14,7 +14,8 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from reid_core.config import EVAL_METRICS
 from study.driver.storage import StudyStorage
-from study.record.common import TENSORBOARD_DIR, TrialInfo, finite_number
+from study.layout import TENSORBOARD_DIR
+from study.record.common import TrialInfo, finite_number
 from study.trial.errors import TRIAL_ERROR_KEY
 from study.record.hparams import experiment_summary, hparam_keys, run_name
 from study.space import SearchSpace

@@ -33,7 +33,7 @@ from study.results.tables import DASH, DATASET_LABELS
 NAME = "directions"
 VERDICTS = ("reproduced", "contradicted", "inconclusive")
 CONFIDENCE = 0.95
-CSV_COLUMNS = ("claim", "dataset", "paper_source", "paper_cells", "paper_diff", "better", "better_mean",
+DIRECTIONS_CSV_COLUMNS = ("claim", "dataset", "paper_source", "paper_cells", "paper_diff", "better", "better_mean",
                "better_std", "better_n", "worse", "worse_mean", "worse_std", "worse_n", "diff", "ci_low",
                "ci_high", "verdict", "note")
 
@@ -320,7 +320,7 @@ def to_markdown(tables: Sequence[DirectionsTable]) -> str:
 def to_csv(tables: Sequence[DirectionsTable]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(DIRECTIONS_CSV_COLUMNS)
     for table in tables:
         for row in table.rows:
             low, high = row.interval if row.interval else (None, None)

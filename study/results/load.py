@@ -15,16 +15,15 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from reid_core.config import Config, flatten
+from reid_core.config import EVAL_METRICS, Config, flatten
+from study.layout import RESULTS_FILE
 from study.results.match import add_config_column
 
-METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 METRIC_KINDS = ("best", "final")  # best_* (evaluation with the best mAP) or final_* (last evaluation)
 STATUSES = ("RUNNING", "TERMINATED", "STOPPED", "ERROR")
 COUNTED = ("TERMINATED", "STOPPED")  # statuses whose metrics enter the tables
-REQUIRED = ("study", "trial_id", "status", *(f"{kind}_{m}" for kind in METRIC_KINDS for m in METRICS))
+REQUIRED = ("study", "trial_id", "status", *(f"{kind}_{m}" for kind in METRIC_KINDS for m in EVAL_METRICS))
 CONFIG_DEFAULTS: dict[str, Any] = flatten(Config())
-RESULTS_FILE = "results.csv"
 
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}

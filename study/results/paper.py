@@ -2,7 +2,7 @@
 
 Lee, Eum, Kwon, "Negative Samples are at Large: Leveraging Hard-distance Elastic Loss for
 Re-identification", ECCV 2022. Only the supplementary material is in our hands
-(``/work/shared/paper/moreid-supplementary.txt``, summarised in DESIGN.md section 8): every number below is
+(the paper's supplementary material; docs/design.md, "The paper's tables"): every number below is
 from it, on VeRi-776, mAP in percent, in the MoReID framework. The main paper's loss x framework and
 per-dataset tables are *not* in our hands; :data:`PAPER.missing` says so, and the results tables show a
 dash in those reference cells rather than a number. Nothing else in the code may hold a paper number.

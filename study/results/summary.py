@@ -11,7 +11,8 @@ from typing import Sequence
 
 import pandas as pd
 
-SEED_KEY = "train.seed"
+from study.results.match import SEED_KEY
+
 FIDELITY_COMMAND = "python -m study.run fidelity"
 
 

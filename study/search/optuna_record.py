@@ -29,9 +29,9 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from study.layout import OPTUNA_DB
 from study.space import SearchSpace
 
-OPTUNA_DB = "optuna.db"
 CELL_KEY = "cell"  # index of the grid cell, kept in each Tune trial's config
 TUNE_ID_ATTR = "tune_trial_id"
 PLAN_INDEX_ATTR = "plan_index"  # grid / random: the trial's index in the plan

@@ -2,9 +2,9 @@
 and the trial plan (:mod:`.plan`)."""
 from study.space.parse import load_space, parse_space, resolve_path
 from study.space.plan import PlannedTrial, checked_params, plan, validate_plan
-from study.space.schema import (METRICS, SPACES_DIR, Param, RandomSuggester, SearchSpace, SpaceError, Suggester,
+from study.space.schema import (SPACES_DIR, Param, RandomSuggester, SearchSpace, SpaceError, Suggester,
                                 expand, trial_config)
 
-__all__ = ["METRICS", "SPACES_DIR", "Param", "PlannedTrial", "RandomSuggester", "SearchSpace", "SpaceError",
+__all__ = ["SPACES_DIR", "Param", "PlannedTrial", "RandomSuggester", "SearchSpace", "SpaceError",
            "Suggester", "checked_params", "expand", "load_space", "parse_space", "plan", "resolve_path",
            "trial_config", "validate_plan"]

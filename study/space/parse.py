@@ -12,10 +12,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import yaml
 
-from reid_core.config import Config, ConfigError, config_keys, flatten, flatten_mapping, parse_override, set_dotted
-from study.space.schema import (CONSTRAINT_RE, NAME_RE, METRICS, OPS, PARAM_TYPES, SCHEDULERS, SEARCHERS,
-                                SPACES_DIR, TOP_KEYS, Constraint, Param, RandomSuggester, Resources, Retries,
-                                Scheduler, SearchSpace, SpaceError, static_bounds, format_value, propagate_ranges, expand)
+from reid_core.config import (EVAL_METRICS, Config, ConfigError, config_keys, flatten, flatten_mapping, parse_override,
+                              set_dotted)
+from study.space.schema import (CONSTRAINT_RE, NAME_RE, OPS, PARAM_TYPES, SCHEDULERS, SEARCHERS, SPACES_DIR, TOP_KEYS,
+                                Constraint, Param, RandomSuggester, Resources, Retries, Scheduler, SearchSpace,
+                                SpaceError, expand, format_value, propagate_ranges, static_bounds)
 
 def resolve_path(name_or_path: str | Path) -> Path:
     """A path as given, or the file ``search_spaces/<name>.yaml``."""
@@ -213,8 +214,8 @@ def _parse_objective(raw: Mapping[str, Any], base_cfg: Config, base: dict[str, A
                      searcher: str, fail) -> tuple[str, str, int, list[int]]:
     """``metric``, ``mode``, ``num_samples`` and ``seeds`` (one seed goes into ``base``)."""
     metric = raw.get("metric", "mAP")
-    if metric not in METRICS:
-        raise fail(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    if metric not in EVAL_METRICS:
+        raise fail(f"metric must be one of {', '.join(EVAL_METRICS)}; got {metric!r}")
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise fail(f"mode must be max or min; got {mode!r}")

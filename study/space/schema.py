@@ -39,7 +39,6 @@ SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "search_spaces"
 PARAM_TYPES = ("uniform", "loguniform", "int", "choice", "grid")
 SEARCHERS = ("optuna", "grid", "random")
 SCHEDULERS = ("asha", "none")
-METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 TOP_KEYS = ("name", "description", "base", "parameters", "constraints", "searcher", "scheduler", "metric",
             "mode", "num_samples", "seeds", "resources", "retries")
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}

@@ -213,7 +213,7 @@ def checkpoint_due(trainer: Any, cfg: Config) -> bool:
 
 def rank_nodes() -> str:
     """The Ray node id of every rank, in rank order, joined by ``,`` (a collective: every rank calls it)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: see _train
 
     node = ray.get_runtime_context().get_node_id()
     if not (dist.is_available() and dist.is_initialized()):
@@ -254,26 +254,52 @@ def run_loop(loop_config: dict[str, Any], session: Session, entered_at: float) -
 
 def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> None:
     began = time.perf_counter()
+    # torch and the engine are imported here, not with this module: Ray unpickles the trainable by module
+    # path in light processes, and import_s measures what a fresh trial process pays (nothing when reused).
     import torch.distributed as dist
 
-    from reid_core.engine import Trainer  # pulls in torch models and data: free in a reused process
+    from reid_core.engine import Trainer
 
     imported = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="moreid-trial-"))
     cfg: Config = copy.deepcopy(loop_config["config"])  # validated by the trainable; this copy writes to scratch
     cfg.train.output_dir = str(scratch)
-    device = None
-    if cfg.train.device != "cpu" and isinstance(session, TrainSession):
-        from ray.train.torch import get_device
-
-        device = get_device()  # the GPU Train assigned to this worker
-    eval_epochs = {int(e) for e in loop_config.get("eval_epochs", [])}
-    metric, mode = loop_config.get("metric", "mAP"), loop_config.get("mode", "max")
-
     index = loop_config.get("dataset")  # the driver's dataset index (an object reference), if handed over
-    trainer = Trainer(cfg, log_dir=scratch / "tensorboard", device=device,
+    trainer = Trainer(cfg, log_dir=scratch / "tensorboard", device=_device(cfg, session),
                       dataset=ray.get(index) if index is not None else None)
     built = time.perf_counter()
+    state, saved_result, registered = _restore(trainer, session)
+    start_epoch = trainer.epoch
+    world = {"world_size": session.world_size,
+             "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none",
+             "rank_nodes": rank_nodes(), "entered_at": entered_at, "import_s": imported - began,
+             "build_s": built - imported, "restore_s": time.perf_counter() - built}
+    try:
+        if start_epoch > 0 and (start_epoch >= cfg.train.epochs or not registered):
+            # The run had finished before its driver went away, or its driver died before it took the result
+            # of the checkpoint resumed from: report that result once more, so that Tune (and the study's
+            # record) has every epoch and a finished run ends with it. Same keys in the same order as the
+            # other results (Tune's progress.csv keeps its first header).
+            final = result_of({"epoch": trainer.epoch}, state, start_epoch, world)
+            session.report({**saved_result, **final} if saved_result else final, None)
+        _epochs(trainer, cfg, loop_config, session, state, start_epoch, world, scratch)
+    finally:
+        trainer.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _device(cfg: Config, session: Session) -> Any:
+    """The GPU Ray Train assigned to this worker; None for the Trainer's own choice."""
+    if cfg.train.device != "cpu" and isinstance(session, TrainSession):
+        from ray.train.torch import get_device  # imports torch (see _train)
+
+        return get_device()
+    return None
+
+
+def _restore(trainer: Any, session: Session) -> tuple[dict[str, Any], dict[str, Any] | None, bool]:
+    """Load the session's checkpoint into ``trainer``: the study state, the result reported with that
+    checkpoint (or None), and whether Ray registered the checkpoint."""
     state = empty_state()
     checkpoint, registered = session.resume_from()
     if checkpoint is not None:
@@ -283,51 +309,43 @@ def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> 
             if state_file.is_file():
                 state = json.loads(state_file.read_text())
     saved_result = state.pop(SAVED_RESULT_KEY, None)  # the result reported with that checkpoint
-    start_epoch = trainer.epoch
-    world = {"world_size": session.world_size,
-             "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none",
-             "rank_nodes": rank_nodes(), "entered_at": entered_at, "import_s": imported - began,
-             "build_s": built - imported, "restore_s": time.perf_counter() - built}
+    return state, saved_result, registered
+
+
+def _epochs(trainer: Any, cfg: Config, loop_config: dict[str, Any], session: Session, state: dict[str, Any],
+            start_epoch: int, world: dict[str, Any], scratch: Path) -> None:
+    """Train the remaining epochs: evaluate when due, checkpoint when due, report every epoch."""
+    eval_epochs = {int(e) for e in loop_config.get("eval_epochs", [])}
+    metric, mode = loop_config.get("metric", "mAP"), loop_config.get("mode", "max")
     checkpoint_s = report_s = 0.0
-    try:
-        if start_epoch > 0 and (start_epoch >= cfg.train.epochs or not registered):
-            # The run had finished before its driver went away, or its driver died before it took the result
-            # of the checkpoint resumed from: report that result once more, so that Tune (and the study's
-            # record) has every epoch and a finished run ends with it. Same keys in the same order as the
-            # other results (Tune's progress.csv keeps its first header).
-            final = result_of({"epoch": trainer.epoch}, state, start_epoch, world)
-            session.report({**saved_result, **final} if saved_result else final, None)
-        while trainer.epoch < cfg.train.epochs:
-            epoch_began = time.perf_counter()
-            train_metrics = trainer.train_epoch()
-            epoch = trainer.epoch
-            eval_s = 0.0
-            if trainer.eval_due() or epoch in eval_epochs:
-                eval_began = time.perf_counter()
-                update_state(state, trainer.evaluate(), epoch, metric, mode)
-                eval_s = time.perf_counter() - eval_began
-            result = result_of(train_metrics, state, start_epoch, world)
-            result["epoch_s"] = time.perf_counter() - epoch_began  # training + evaluation, without Ray's overheads
-            result["skipped_images"] = trainer.skipped_images()
-            result["eval_s"] = eval_s
-            result["checkpoint_s"], result["report_s"] = checkpoint_s, report_s
-            saving = time.perf_counter()
-            folder = None
-            if checkpoint_due(trainer, cfg):
-                folder = Path(tempfile.mkdtemp(prefix="ckpt-", dir=scratch))
-                trainer.save_checkpoint(folder)  # every rank takes part; rank 0 writes
-                if session.rank == 0:
-                    (folder / STATE_FILE).write_text(json.dumps({**state, SAVED_RESULT_KEY: result}))
-                else:
-                    shutil.rmtree(folder, ignore_errors=True)
-                    folder = None
-            reporting = time.perf_counter()
-            session.report(result, folder)
-            report_s = time.perf_counter() - reporting
-            if folder is not None:
+    while trainer.epoch < cfg.train.epochs:
+        epoch_began = time.perf_counter()
+        train_metrics = trainer.train_epoch()
+        epoch = trainer.epoch
+        eval_s = 0.0
+        if trainer.eval_due() or epoch in eval_epochs:
+            eval_began = time.perf_counter()
+            update_state(state, trainer.evaluate(), epoch, metric, mode)
+            eval_s = time.perf_counter() - eval_began
+        result = result_of(train_metrics, state, start_epoch, world)
+        result["epoch_s"] = time.perf_counter() - epoch_began  # training + evaluation, without Ray's overheads
+        result["skipped_images"] = trainer.skipped_images()
+        result["eval_s"] = eval_s
+        result["checkpoint_s"], result["report_s"] = checkpoint_s, report_s
+        saving = time.perf_counter()
+        folder = None
+        if checkpoint_due(trainer, cfg):
+            folder = Path(tempfile.mkdtemp(prefix="ckpt-", dir=scratch))
+            trainer.save_checkpoint(folder)  # every rank takes part; rank 0 writes
+            if session.rank == 0:
+                (folder / STATE_FILE).write_text(json.dumps({**state, SAVED_RESULT_KEY: result}))
+            else:
                 shutil.rmtree(folder, ignore_errors=True)
-            checkpoint_s = reporting - saving
-            _maybe_fail(loop_config.get("fail_hook"), epoch, session)
-    finally:
-        trainer.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+                folder = None
+        reporting = time.perf_counter()
+        session.report(result, folder)
+        report_s = time.perf_counter() - reporting
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        checkpoint_s = reporting - saving
+        _maybe_fail(loop_config.get("fail_hook"), epoch, session)
