@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,3 +51,43 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def trial_progress(study: Path, trial_id: str) -> pd.DataFrame:
+    """Tune's per-trial progress.csv (every result the trial reported)."""
+    (folder,) = [p for p in study.iterdir() if p.is_dir() and f"_{trial_id}_" in p.name]
+    return pd.read_csv(folder / "progress.csv")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(parents.get(current, []))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_leftovers(pids: list[int], timeout: float) -> None:
+    """Wait for processes this test started to exit; kill (by pid) any still there after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.5)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)

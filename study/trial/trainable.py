@@ -22,7 +22,6 @@ from typing import Any
 
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from reid_core.config import ConfigError
@@ -67,7 +66,7 @@ class TrialSetup:
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: train the trial to the end (or until Tune stops it), in this process or in
     a TorchTrainer. A deterministic error (config or data) is reported once and raised, and not retried
-    (see :mod:`study.driver.preflight`)."""
+    (see :mod:`study.trial.errors`)."""
     try:
         cfg = trial_config(setup.base, trial_params(config))
     except ConfigError as exc:
@@ -90,6 +89,9 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 
 def _fit_torch_trainer(loop: dict[str, Any], setup: TrialSetup) -> None:
+    # ray.train.torch imports torch: a one-worker trial imports it in its loop, where import_s times it
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     use_gpu = setup.gpus_per_worker > 0
     resources = {"CPU": setup.cpus_per_worker}
     if use_gpu:

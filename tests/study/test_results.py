@@ -22,7 +22,7 @@ from study.results.paper import PAPER
 from study.results import (TABLE_NAMES, ResultsError, TableError, applies, build_table, build_tables,
                            load_results, render, report_tables, write_plots, write_report)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 # The column order of results.csv, exactly as docs/architecture.md lists it.
 HEADER = ["study", "trial_id", "status", "epochs", *(f"final_{m}" for m in METRICS),

@@ -21,6 +21,7 @@ from study.record.tensorboard import TensorBoardHParams
 from study.record.hparams import run_name
 from study.results.load import read_results
 from study.space import load_space
+from study.trial.worker import empty_state, result_of, update_state
 from study.driver.storage import StudyStorage
 from study.results.summary import closing_summary
 
@@ -241,3 +242,28 @@ def test_a_resumed_one_worker_trial_finds_the_newest_complete_checkpoint_in_its_
         assert torch.load(f"{folder}/checkpoint.pt")["epoch"] == 2
     assert persisted_checkpoints(str(tmp_path / "missing")) == []
     assert persisted_checkpoints(f"file://{trial}")[0].path.endswith("checkpoint_000001")
+
+
+def test_study_results_carry_rerank_columns(tmp_path):
+    state = empty_state()
+    evaluation = {"mAP": 40.0, "R1": 60.0, "R5": 70.0, "R10": 75.0, "mINP": 10.0, "cmc": [60.0] * 20,
+                  "mAP_rerank": 50.0, "R1_rerank": 65.0, "R5_rerank": 72.0, "R10_rerank": 77.0, "mINP_rerank": 20.0}
+    update_state(state, evaluation, 1, "mAP", "max")
+    result = result_of({"epoch": 1, "loss/total": 1.0}, state, 0)
+    assert result["mAP_rerank"] == 50.0 and result["best_mINP_rerank"] == 20.0
+
+    space = load_space("quickstart")
+    storage = StudyStorage(tmp_path, "demo")
+    trial = Trial("train_trial", config={"loss.name": "he"}, trial_id="t0", stub=True)
+    callback = ResultsCsv(storage, "demo", TrialInfo(space.base, space.searched_keys))
+    callback.setup()
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, result)
+    callback.on_experiment_end([])  # epoch results reach the file within seconds; the study's end writes them
+    with storage.path(RESULTS_FILE).open() as handle:
+        reader = csv.DictReader(handle)
+        row = next(reader)
+        columns = reader.fieldnames
+    at = len(FIXED_COLUMNS)
+    assert columns[at:at + 2] == ["final_mAP_rerank", "best_mAP_rerank"]
+    assert float(row["final_mAP_rerank"]) == 50.0 and float(row["best_R10_rerank"]) == 77.0

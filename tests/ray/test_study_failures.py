@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import csv
 import os
 import shlex
 import shutil
@@ -19,20 +18,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import yaml
 
+from helpers import REPO, read_csv
 from reid_core.data import synthetic
-
-pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parent.parent
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open() as fh:
-        return list(csv.DictReader(fh))
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 400) -> subprocess.CompletedProcess:

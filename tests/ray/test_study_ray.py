@@ -12,7 +12,6 @@ several workers run a Ray Train TorchTrainer. Both paths are covered:
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import signal
@@ -26,67 +25,14 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import yaml
 from optuna.trial import TrialState
 
+from helpers import REPO, free_port, process_tree, read_csv, stop_leftovers, trial_progress, write_space
 from study import run
 from study.driver.checks import FAIL_HOOK_ENV
 from study.record.common import FIXED_COLUMNS
 
-pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parent.parent
-TINY_BASE = {
-    "data": {"dataset": "synthetic", "height": 32, "width": 16, "batch_size": 8, "num_instance": 4, "workers": 0,
-             "random_erasing": 0.0,
-             "synthetic": {"ids": 8, "cams": 2, "images_per_id_cam": 2, "height": 32, "width": 16, "seed": 0}},
-    "model": {"arch": "resnet18"},
-    "framework": {"dict_size": 64},
-    "train": {"iters_per_epoch": 2, "eval_period": 1, "device": "cpu", "log_every": 1},
-    "eval": {"batch_size": 16},
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_env(tmp_path_factory):
-    """Synthetic data cached per module; no usage reporting (nothing may reach the network)."""
-    saved = {k: os.environ.get(k) for k in ("MOREID_CACHE", "RAY_USAGE_STATS_ENABLED")}
-    os.environ["MOREID_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    yield
-    import ray
-
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def write_space(folder: Path, name: str, epochs: int, parameters: dict, iters_per_epoch: int | None = None,
-                **fields) -> Path:
-    """A study of TINY_BASE trials; ``iters_per_epoch`` lengthens epochs where a test must act inside one."""
-    base = yaml.safe_load(yaml.safe_dump(TINY_BASE))
-    base["train"]["epochs"] = epochs
-    if iters_per_epoch:
-        base["train"]["iters_per_epoch"] = iters_per_epoch
-    space = {"name": name, "description": "test", "base": base, "parameters": parameters, "searcher": "grid",
-             "scheduler": {"type": "none"},
-             "resources": {"max_concurrent": 1, "workers_per_trial": 1, "cpus_per_worker": 1}, **fields}
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open() as fh:
-        return list(csv.DictReader(fh))
-
-
-def trial_progress(study: Path, trial_id: str) -> pd.DataFrame:
-    """Tune's per-trial progress.csv (every result the trial reported)."""
-    (folder,) = [p for p in study.iterdir() if p.is_dir() and f"_{trial_id}_" in p.name]
-    return pd.read_csv(folder / "progress.csv")
+pytestmark = pytest.mark.usefixtures("ray_env")
 
 
 def test_asha_stops_trials_early_and_later_trials_still_start(tmp_path, capsys):
@@ -168,48 +114,8 @@ def test_two_gloo_workers_asha_and_a_worker_death_resumed_from_checkpoint(tmp_pa
     assert "Reporting training result" not in out and "TrainingReport" not in out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        todo.extend(parents.get(current, []))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def stop_leftovers(pids: list[int], timeout: float) -> None:
-    """Wait for processes this test started to exit; kill (by pid) any still there after ``timeout``."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.5)
-    for pid in pids:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
 def test_study_on_an_existing_head_reached_with_address(tmp_path):
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     # No token authentication on this throwaway head, nor in the driver (a fresh process, as a user runs
     # it): a driver that names an explicit address sends no token unless RAY_AUTH_MODE=token (Ray 2.60).

@@ -27,9 +27,8 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from test_study_ray import REPO, _free_port, process_tree, read_csv, stop_leftovers, trial_progress, write_space
+from helpers import REPO, free_port, process_tree, read_csv, stop_leftovers, trial_progress, write_space
 
-pytestmark = pytest.mark.ray
 LABEL = "moreid-node"
 START_TIMEOUT_S = 240  # per attempt: a node that is up but slow is waited for; one past Ray's own deadlines exits
 
@@ -56,18 +55,18 @@ class LocalCluster:
         machine: then the node is started again, on fresh ports."""
         for attempt in range(attempts):
             if head:
-                self.port, self.dashboard_port = _free_port(), _free_port()
+                self.port, self.dashboard_port = free_port(), free_port()
             command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
                        "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--num-cpus=1",
                        f"--labels={LABEL}={label}", "--object-store-memory=80000000",
-                       f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                       f"--dashboard-agent-grpc-port={_free_port()}",
-                       f"--dashboard-agent-listen-port={_free_port()}",
-                       f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+                       f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                       f"--dashboard-agent-grpc-port={free_port()}",
+                       f"--dashboard-agent-listen-port={free_port()}",
+                       f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
             if head:
                 command += ["--head", f"--port={self.port}", "--include-dashboard=true",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                            f"--ray-client-server-port={_free_port()}"]
+                            f"--ray-client-server-port={free_port()}"]
             else:
                 command += [f"--address={self.address}", "--include-log-monitor=false"]
             process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)

@@ -21,7 +21,7 @@ import yaml
 
 from reid_core.data import synthetic
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HANG_S = 90  # a hang, not slowness, on a loaded 2-core machine
 TINY_BASE = {
     "data": {"dataset": "market1501", "height": 32, "width": 16, "batch_size": 8, "num_instance": 4, "workers": 0},

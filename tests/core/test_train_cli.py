@@ -9,7 +9,7 @@ import pytest
 
 from reid_core.config import Config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU_CONFIG = REPO / "configs" / "synthetic_cpu.yaml"
 
 

@@ -21,9 +21,9 @@ from optuna.trial import TrialState
 
 from study import run
 from study.results.importance import MIN_COMPLETE, study_importance
-from test_study_ray import _free_port, ray_env, read_csv, write_space  # noqa: F401 (ray_env: autouse fixture)
+from helpers import free_port, read_csv, write_space
 
-pytestmark = pytest.mark.ray
+pytestmark = pytest.mark.usefixtures("ray_env")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 STATE_OF = {"TERMINATED": "COMPLETE", "STOPPED": "PRUNED", "ERROR": "FAIL"}
 
@@ -114,7 +114,7 @@ def postgres():
     folder = Path(tempfile.mkdtemp(prefix="moreid-pg-", dir="/tmp"))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     log = folder / "server.log"
     prefix = _as_postgres()
     subprocess.run([*prefix, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
@@ -170,7 +170,7 @@ def test_study_recorded_in_postgresql(tmp_path, postgres, capsys):
 
 def test_unreachable_or_unknown_storage_is_refused_before_ray(tmp_path, capsys):
     space = optuna_space(tmp_path, "bad", 1, 1)
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     for url, words in ((f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna", "Connection refused"),
                        ("nosuchdb://x", "Can't load plugin")):
         assert run.main([str(space), "--storage", str(tmp_path / "studies"), "--optuna-storage", url]) == 2
@@ -277,7 +277,7 @@ def _screenshot(driver, name: str, tmp_path: Path) -> None:
 def test_dashboards_in_a_real_browser(asha_study, browser, tmp_path):
     rows = read_csv(asha_study / "results.csv")
     bin_dir = Path(sys.executable).parent
-    tb_port, od_port = _free_port(), _free_port()
+    tb_port, od_port = free_port(), free_port()
     url = f"sqlite:///{asha_study}/optuna.db"
     servers = [
         _serve([str(bin_dir / "tensorboard"), "--logdir", str(asha_study / "tensorboard"), "--host", "127.0.0.1",
