@@ -99,7 +99,9 @@ def run_preflight(space: SearchSpace, *, generate: bool, unseen: str, done: Pref
                   trials: list | None = None) -> Preflight:
     """Every trial config of ``space`` (Optuna: the draws that stand for it) checked against its data."""
     trials = plan(space) if trials is None else trials
-    configs = (space.config_for(params) for params in checked_params(space, trials))
+    configs = getattr(trials, "configs", None)  # validate_plan's: built once
+    if configs is None:
+        configs = [space.config_for(params) for params in checked_params(space, trials)]
     return preflight(configs, space.resources.workers_per_trial, generate=generate, unseen=unseen, done=done)
 
 

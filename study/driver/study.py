@@ -20,7 +20,7 @@ from study.driver.outcome import print_summary, study_outcome, write_study_repor
 from study.driver.preflight import Preflight
 from study.driver.ray_runtime import check_local_resources, forget_previous_session, init_ray, resource_line
 from study.driver.storage import StudyStorage
-from study.record.common import TrialInfo, planned_configs
+from study.record.common import TrialInfo
 from study.record.console import Progress
 from study.record.optuna import OptunaRecorder
 from study.record.results_csv import ResultsCsv
@@ -28,7 +28,7 @@ from study.record.tensorboard import TensorBoardHParams
 from study.layout import OPTUNA_DB, STUDY_FILE
 from study.search.optuna_record import OptunaRecord
 from study.search.searcher import StudySearcher
-from study.space import PlannedTrial, SearchSpace, validate_plan
+from study.space import PlannedTrial, SearchSpace, planned_configs, validate_plan
 from study.trial.trainable import TrialSetup, make_trainable
 
 
@@ -58,14 +58,15 @@ def run_study(space: SearchSpace, storage: StudyStorage, *, resume: bool, addres
     forget_previous_session()
     try:
         checked = _start(space, storage, address, started_ray, checked, trials, study_file)
-        setup = _trial_setup(space, storage, checked, started_ray)
+        planned = planned_configs(trials)  # the plan's validated Configs: the trials and the records use them
+        setup = _trial_setup(space, storage, checked, started_ray, planned)
         trainable = make_trainable(setup)
         record = optuna_record(space, storage, optuna_url)
         if resume:
             print(f"resuming the study in {storage.uri}", flush=True)
             tuner = tune.Tuner.restore(storage.uri, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _new_tuner(space, storage, trainable, setup.in_process, record, trials, extra_callbacks)
+            tuner = _new_tuner(space, storage, trainable, setup.in_process, record, trials, planned, extra_callbacks)
         tuner.fit()
         return _finish(space, storage, record, started, resume_command)
     finally:
@@ -90,7 +91,8 @@ def _start(space: SearchSpace, storage: StudyStorage, address: str | None, start
     return checked
 
 
-def _trial_setup(space: SearchSpace, storage: StudyStorage, checked: Preflight, started_ray: bool) -> TrialSetup:
+def _trial_setup(space: SearchSpace, storage: StudyStorage, checked: Preflight, started_ray: bool,
+                 planned: dict[str, Any]) -> TrialSetup:
     """What every trial shares. The driver's dataset index goes to the trials through Ray's object store
     (read once, not per trial). A synthetic dataset lives in this machine's cache: on a cluster, workers
     make their own."""
@@ -102,14 +104,14 @@ def _trial_setup(space: SearchSpace, storage: StudyStorage, checked: Preflight, 
                       cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
                       worker_retries=space.retries.workers, eval_epochs=space.scheduler.milestones(),
                       metric=space.metric, mode=space.mode, fail_hook=fail_hook(), worker_env=env,
-                      datasets=index)
+                      datasets=index, planned=planned)
 
 
 def _new_tuner(space: SearchSpace, storage: StudyStorage, trainable: Any, in_process: bool, record: OptunaRecord,
-               trials: list[PlannedTrial], extra_callbacks: Sequence[Any]) -> tune.Tuner:
+               trials: list[PlannedTrial], planned: dict[str, Any], extra_callbacks: Sequence[Any]) -> tune.Tuner:
     """A new study's Tuner: the records as callbacks, ASHA or FIFO, the study's searcher. ``in_process``:
     one-worker trials, whose processes Tune reuses."""
-    info = TrialInfo(space.base, space.searched_keys, planned_configs(trials))
+    info = TrialInfo(space.base, space.searched_keys, planned)
     total = space.total_trials()
     record.create(space.cells())
     callbacks = [NoRetryOnTrialError(), ResultsCsv(storage, storage.name, info),

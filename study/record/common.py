@@ -7,12 +7,11 @@ cluster (a remote study URI gets a copy after every rewrite, see :mod:`study.dri
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from reid_core.config import EVAL_METRICS, flatten
-from study.space.plan import trial_params
+from reid_core.config import EVAL_METRICS, Config, flatten
+from study.space.plan import params_key, trial_params
 from study.space.schema import trial_config
 from study.trial.errors import TRIAL_ERROR_KEY
 
@@ -66,10 +65,10 @@ def failure_reason(trial: Trial) -> str:
 
 class TrialInfo:
     """The flattened Config of a trial as the records see it: the one the plan validated for a planned trial
-    (``planned``: :func:`planned_configs`), else built once from its Tune config and the study base."""
+    (``planned``: :func:`study.space.planned_configs`), else built once from its Tune config and the base."""
 
     def __init__(self, base: Mapping[str, Any], searched: Iterable[str],
-                 planned: Mapping[str, dict[str, Any]] | None = None) -> None:
+                 planned: Mapping[str, Config] | None = None) -> None:
         self.base = dict(base)
         self.searched = list(searched)
         self.planned = dict(planned or {})
@@ -77,21 +76,12 @@ class TrialInfo:
 
     def flat(self, trial: Trial) -> dict[str, Any]:
         if trial.trial_id not in self._flat:
-            params = trial_params(trial.config)
-            known = self.planned.get(params_key(params))
-            self._flat[trial.trial_id] = known if known is not None else flatten(trial_config(self.base, params))
+            cfg = self.planned.get(params_key(trial.config))
+            if cfg is None:
+                cfg = trial_config(self.base, trial_params(trial.config))
+            self._flat[trial.trial_id] = flatten(cfg)
         return self._flat[trial.trial_id]
 
     def epochs(self, trial: Trial) -> int:
         """The trial's budget (``train.epochs``)."""
         return int(self.flat(trial)["train.epochs"])
-
-
-def params_key(params: Mapping[str, Any]) -> str:
-    """A trial's values as a lookup key (canonical JSON)."""
-    return json.dumps(params, sort_keys=True, default=str)
-
-
-def planned_configs(trials: Iterable[Any]) -> dict[str, dict[str, Any]]:
-    """``params_key -> flattened Config`` of the planned trials whose Config the plan already built."""
-    return {params_key(t.params): t.config for t in trials if getattr(t, "config", None) is not None}

@@ -1,5 +1,5 @@
 """What TensorBoard shows of a study, as a person reads it in the browser (the writer itself:
-:class:`study.record.callbacks.TensorBoardHParams`).
+:class:`study.record.tensorboard.TensorBoardHParams`).
 
 ``tensorboard/`` holds one run per trial, named readably (``003 lr=0.001 framework.name=moreid``, the
 number in the order trials started) rather than by Tune's 8-character trial id, with per-epoch scalars

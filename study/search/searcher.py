@@ -32,7 +32,7 @@ class StudySearcher(Searcher):
     def __init__(self, space: SearchSpace, record: OptunaRecord, startup_trials: int = 10,
                  trials: list[PlannedTrial] | None = None) -> None:
         """``trials``: the study's plan as :func:`study.space.validate_plan` built it (each planned trial's
-        Config already flattened); planned here when not given."""
+        Config already validated); planned here when not given."""
         super().__init__(metric=space.metric, mode=space.mode)
         self.space = space
         self.record = record
@@ -48,7 +48,7 @@ class StudySearcher(Searcher):
             planned = plan(space) if trials is None else trials
             self.queue = [(t.cell, t.params) for t in planned]
             self.samplers = []
-            self.flat = [t.config if t.config is not None else flatten(trial_config(space.base, t.params))
+            self.flat = [flatten(t.config if t.config is not None else trial_config(space.base, t.params))
                          for t in planned]
             self.distributions = grid_distributions(space, self.flat)
         self.next_index = 0

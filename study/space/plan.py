@@ -2,12 +2,13 @@
 handed to the preflight, the printout and the searcher."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from reid_core.config import Config, ConfigError, config_keys, flatten
+from reid_core.config import Config, ConfigError, config_keys
 from reid_core.data import synthetic
 from study.space.schema import RandomSuggester, SearchSpace, SpaceError, format_bundle
 
@@ -16,7 +17,14 @@ from study.space.schema import RandomSuggester, SearchSpace, SpaceError, format_
 class PlannedTrial:
     cell: int
     params: dict[str, Any]  # dotted keys -> values (sampled keys absent for Optuna: chosen at run time)
-    config: dict[str, Any] | None = None  # the flattened, validated Config (grid / random, by validate_plan)
+    config: Config | None = None  # the validated Config (grid / random, by validate_plan)
+
+
+class Plan(list):
+    """The planned trials (a list of :class:`PlannedTrial`), and ``configs``: the validated Configs that stand
+    for the study in checks (a grid / random plan: its trials' own; Optuna: the draws per cell)."""
+
+    configs: list[Config] | None = None
 
 
 def plan(space: SearchSpace) -> list[PlannedTrial]:
@@ -35,19 +43,22 @@ def plan(space: SearchSpace) -> list[PlannedTrial]:
 
 
 
-def validate_plan(space: SearchSpace, draws: int = 64) -> list[PlannedTrial]:
-    """The plan, with every trial's Config validated (and kept, flattened, in ``PlannedTrial.config`` for a
-    grid / random plan: the searcher and the records use it as it is); for Optuna, ``draws`` random draws
-    per cell stand in for its proposals. Raises SpaceError naming the trial values that fail."""
-    trials = plan(space)
+def validate_plan(space: SearchSpace, draws: int = 64) -> Plan:
+    """The plan, with every trial's Config built and validated once: kept in ``PlannedTrial.config`` for a
+    grid / random plan (the preflight, the searcher, the records and the trials use it as it is), and in
+    ``Plan.configs`` for the checks; for Optuna, ``draws`` random draws per cell stand in for its
+    proposals. Raises SpaceError naming the trial values that fail."""
+    trials = Plan(plan(space))
     checks = checked_params(space, trials, draws)  # grid / random: the trials' own values, in plan order
+    trials.configs = []
     for index, params in enumerate(checks):
         try:
             cfg = space.config_for(params)
         except ConfigError as exc:
             raise SpaceError(f"{space.source}: the trial {format_bundle(params)} is not a valid config: {exc}") from exc
+        trials.configs.append(cfg)
         if space.searcher != "optuna":
-            trials[index].config = flatten(cfg)
+            trials[index].config = cfg
     if not trials:
         raise SpaceError(f"{space.source}: the constraints leave no grid cell to run")
     return trials
@@ -81,3 +92,13 @@ def trial_params(config: dict[str, Any]) -> dict[str, Any]:
     """The config keys of a Tune trial config (drops the searcher's bookkeeping: cell, bundle indices)."""
     keys = config_keys()
     return {k: v for k, v in config.items() if k in keys}
+
+
+def params_key(config: Mapping[str, Any]) -> str:
+    """A trial's config values (a Tune trial config or planned values; bookkeeping dropped) as a lookup key."""
+    return json.dumps(trial_params(dict(config)), sort_keys=True, default=str)
+
+
+def planned_configs(trials: Iterable[PlannedTrial]) -> dict[str, Config]:
+    """``params_key -> validated Config`` of the planned trials whose Config the plan built."""
+    return {params_key(t.params): t.config for t in trials if t.config is not None}

@@ -25,7 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from reid_core.config import ConfigError
-from study.space.plan import dataset_key, trial_params
+from study.space.plan import dataset_key, params_key, trial_params
 from study.space.schema import trial_config
 from study.trial.errors import PreflightError, error_result, read_trial_error
 from study.trial.worker import run_in_trial, train_loop
@@ -53,6 +53,8 @@ class TrialSetup:
     mode: str = "max"
     fail_hook: dict[str, Any] | None = None  # tests: {"epoch": N, "marker": path}
     worker_env: dict[str, str] = field(default_factory=dict)
+    # The plan's validated Config per study.space.params_key (grid / random trials): used as it is.
+    planned: dict[str, Any] = field(default_factory=dict)
     # The driver's dataset index per study.space.plan.dataset_key (Ray object references): trials train
     # from it instead of reading the dataset again.
     datasets: dict[str, Any] = field(default_factory=dict)
@@ -67,11 +69,13 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: train the trial to the end (or until Tune stops it), in this process or in
     a TorchTrainer. A deterministic error (config or data) is reported once and raised, and not retried
     (see :mod:`study.trial.errors`)."""
-    try:
-        cfg = trial_config(setup.base, trial_params(config))
-    except ConfigError as exc:
-        tune.report(error_result(exc, setup.metric))
-        raise
+    cfg = setup.planned.get(params_key(config))
+    if cfg is None:  # an Optuna trial: its values were drawn at run time
+        try:
+            cfg = trial_config(setup.base, trial_params(config))
+        except ConfigError as exc:
+            tune.report(error_result(exc, setup.metric))
+            raise
     trial_dir = PurePosixPath(tune.get_context().get_trial_dir()).name
     trial_folder = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
     loop = {"config": cfg, "eval_epochs": setup.eval_epochs, "metric": setup.metric, "mode": setup.mode,
