@@ -1,0 +1,1 @@
+"""Proposing trials: the study's Tune searcher and its Optuna record."""
