@@ -1,7 +1,8 @@
 """The paper's tables and plots from finished trials (``results.csv`` of one or several studies).
 
-Public API: :func:`write_report` (``results.md`` + ``plots/``, called by the driver at the end of a
-study, :mod:`study.driver.outcome`), :func:`load_results`, :func:`build_table` / :func:`build_tables` / :func:`report_tables` returning
+Public API: :func:`write_report` (``results.md`` + ``plots/``, called by the driver at the end of a study,
+:mod:`study.driver.outcome`), :func:`load_results`, :func:`build_table` / :func:`build_tables` /
+:func:`report_tables` returning
 :class:`Table` objects, :func:`render` (md, csv, latex) and :func:`write_plots`. CLI:
 ``python -m study.results <study dir>... [--table NAME|all] [--format md|csv|latex] [--out FILE]
 [--plots DIR] [--metric best|final]``. Matching rules: docs/results.md.
