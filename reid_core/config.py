@@ -48,7 +48,7 @@ class DataConfig:
     root: str = ""  # dataset folder; for synthetic, empty means the cache folder
     height: int = 256  # network input, pixels
     width: int = 256
-    batch_size: int = 64  # P x K images per optimizer step (per process under DDP)
+    batch_size: int = 64  # P x K images per optimizer step, all processes together (the global batch)
     num_instance: int = 16  # K, images per identity in a batch
     workers: int = 2  # DataLoader worker processes
     flip_prob: float = 0.5

@@ -204,8 +204,14 @@ class Trainer:
                                    f"{self.train_loader.first_bad}); check the JPEG files under {self.dataset.root}")
 
     def skipped_images(self) -> int:
-        """Unreadable images skipped so far on this rank (training, query and gallery loaders)."""
-        return sum(loader.skipped for loader in (self.train_loader, self.query_loader, self.gallery_loader))
+        """Unreadable images met so far (replaced in training, left out of the query and gallery sets),
+        summed over ranks: under DDP every rank must call it (one all-reduce)."""
+        count = sum(loader.skipped for loader in (self.train_loader, self.query_loader, self.gallery_loader))
+        if self.distributed:
+            total = torch.tensor([count], dtype=torch.int64, device=self.device)
+            dist.all_reduce(total)
+            count = int(total.item())
+        return count
 
     def train_epoch(self) -> dict[str, float]:
         """Train ``iters_per_epoch`` steps; returns epoch means of :data:`TRAIN_METRICS` (averaged

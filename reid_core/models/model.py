@@ -10,6 +10,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from reid_core.config import ModelConfig
+from reid_core.data.normalize import PixelNormalize
 from reid_core.models.backbone import ResNetBackbone, build_backbone
 from reid_core.models.classifier import build_classifier
 from reid_core.models.layers import AvgPool, GeM
@@ -56,10 +57,12 @@ class ReIDModel(nn.Module):
         nn.init.zeros_(self.bnneck.bias)
         self.bnneck.bias.requires_grad_(False)
         self.classifier = build_classifier(classifier, self.feat_dim, num_classes, cls_scale, cls_margin)
+        self.input_norm = PixelNormalize()  # the loaders' uint8 images -> normalised float32, on the device
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` float[B, 3, H, W] -> (feat [B, D], bn_feat [B, D])."""
-        feat = self.pool(self.backbone(x))
+        """``x`` uint8[B, 3 or 4, H, W] (see PixelNormalize) or normalised float[B, 3, H, W] -> (feat [B, D],
+        bn_feat [B, D])."""
+        feat = self.pool(self.backbone(self.input_norm(x)))
         return feat, self.bnneck(feat)
 
     def forward(self, x: Tensor) -> ReIDOutput:
