@@ -20,7 +20,7 @@ augmentation streams restart from the restored RNG, so the run is equally valid 
 Evaluation saves and restores the RNG, so when it happens does not change the training.
 
 Distributed: when ``torch.distributed`` is initialised, f_q (``framework.encoder``) is wrapped in
-DistributedDataParallel, the P x K sampler gives each rank a disjoint share, training metrics are
+DistributedDataParallel, each rank loads its slice of the global batch (data.batch_size / ranks), training metrics are
 averaged over ranks, and evaluation runs on rank 0 only (the test sets are small next to training, and
 splitting them would need a feature all-gather for no gain); the other ranks wait for rank 0's
 metrics in a broadcast, so every rank returns the same dict. Only rank 0 writes TensorBoard and
