@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from reid_core.config import DataConfig
-from reid_core.data import DatasetError, build_dataset, build_train_loader, build_test_transform, read_image, synthetic
+from reid_core.data import (DatasetError, PKSampler, build_dataset, build_test_transform, build_train_loader,
+                            read_image, synthetic)
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_CONFIG = REPO / "configs" / "synthetic_cpu.yaml"
@@ -76,7 +77,7 @@ def test_identity_without_a_readable_image_is_an_error_naming_it(spoilt):
 
 
 def test_two_process_torchrun_trains_through_unreadable_images(spoilt, tmp_path):
-    root, _, bad = spoilt
+    root, ds, bad = spoilt
     sets = {"data.dataset": "market1501", "data.root": root, "data.workers": 0, "data.batch_size": 16,
             "data.num_instance": 4, "train.epochs": 2, "train.iters_per_epoch": 3, "train.eval_period": 2,
             "train.output_dir": tmp_path / "run", "framework.dict_size": 64, "eval.batch_size": 64}
@@ -92,6 +93,9 @@ def test_two_process_torchrun_trains_through_unreadable_images(spoilt, tmp_path)
     final = [line for line in lines if line.startswith("final ")]
     assert len(final) == 1 and "mAP=" in final[0]
     skipped = int(re.search(r"skipped_images=(\d+)", final[0]).group(1))
-    # summed over both ranks: 6 steps x 16 images drawn from a set a third of which is unreadable
-    assert 0 < skipped <= 6 * 16
+    # summed over both ranks: the unreadable images among the first 3 global batches of sampler passes 0
+    # and 1 (one pass per epoch; train.seed 0)
+    sampler = PKSampler([s.pid for s in ds.train], 16, 4, seed=0)
+    drawn = [i for epoch in (0, 1) for batch in sampler.global_batches(epoch)[:3] for i in batch]
+    assert skipped == sum(i in bad for i in drawn) > 0
     assert "unreadable image" in done.stderr
