@@ -66,6 +66,7 @@ def test_unreadable_training_image_is_replaced_by_the_next_readable_one_of_its_i
         assert len(set(labels.tolist())) == 4  # P x K kept: 4 identities of 2
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the other identities' replacements warn first
 def test_identity_without_a_readable_image_is_an_error_naming_it(spoilt):
     _, ds, bad = spoilt
     pid = ds.train[0].pid
