@@ -105,3 +105,12 @@ def check_pretrained(cfg: ModelConfig) -> tuple[Path | None, PretrainedReport | 
     backbone = build_backbone(cfg.arch, last_stride=cfg.last_stride, ibn=cfg.ibn, non_local=cfg.non_local,
                               pretrained=weights, non_local_form=cfg.non_local_form)
     return weights, backbone.pretrained_report
+
+
+def compile_backbones(*models: nn.Module | None, backend: str = "inductor") -> None:
+    """``torch.compile`` the forward of each model's ``backbone`` in place (``nn.Module.compile``: parameter
+    names, state dicts and checkpoints stay as they are). Compile f_k after it was copied from f_q: a
+    copy of a compiled module would call the original's forward. None entries are skipped."""
+    for model in models:
+        if model is not None:
+            model.backbone.compile(backend=backend)
