@@ -7,7 +7,7 @@ A ResNet-50 IBN-a backbone (last stride 1), forward + backward on a batch, in th
   ``.contiguous()`` half, so every IBN output is back in the default layout and the next convolution
   converts again);
 * ``cl_keep``: channels_last kept through the IBN blocks (:class:`reid_core.models.IBN` with
-  ``keep_layout``, the default).
+  ``keep_layout=True``; off by default until a GPU measurement shows it faster).
 
 The variants run interleaved so that machine load affects them alike; the figures are medians of wall
 time and of process CPU time per step. ``train.channels_last`` is applied on CUDA only, where cuDNN's

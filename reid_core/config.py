@@ -148,7 +148,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # on CUDA only
-    channels_last: bool = True  # on CUDA only
+    channels_last: bool = True  # on CUDA only; IBN-a blocks return to the default layout (see models.IBN)
     cudnn_benchmark: bool = True  # on CUDA only: torch.backends.cudnn.benchmark (autotuned convolutions)
     compile: bool = False  # torch.compile the backbones (f_q, and f_k for MoReID)
     log_every: int = 20  # iterations between TensorBoard step scalars
