@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
