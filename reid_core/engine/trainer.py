@@ -42,11 +42,10 @@ from reid_core.config import Config, ConfigError
 from reid_core.data import (DatasetError, ReIDDataset, build_test_loader, build_train_loader, dataset_num_classes,
                             load_dataset)
 from reid_core.engine import checkpoint as ckpt
-from reid_core.engine.optim import (backbone_parameters, build_optimizer, build_scheduler, drop_grads,
-                                    trainable_parameters)
+from reid_core.engine.optim import BackboneFreeze, build_optimizer, build_scheduler, trainable_parameters
 from reid_core.engine.tensorboard import ScalarLogger
 from reid_core.evaluation import evaluate_features, extract_features
-from reid_core.models import build_model
+from reid_core.models import build_model, compile_backbones
 from reid_core.moreid import build_framework
 
 # Training metric name -> key of StepOutput.stats it is read from (missing keys count as 0).
@@ -94,7 +93,7 @@ class TrainStep:
         self.optimizer = build_optimizer(cfg, framework)
         self.scheduler = build_scheduler(cfg, self.optimizer, iters_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp)
-        self.frozen = backbone_parameters(model) if cfg.optim.freeze_iters > 0 else []
+        self.freeze = BackboneFreeze.for_framework(framework, model, cfg.optim.freeze_iters)
         self.iteration = 0  # optimizer steps taken
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
@@ -105,6 +104,7 @@ class TrainStep:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
+        self.freeze.before_step(self.iteration)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             out = self.framework(images, labels)
         self.scaler.scale(out.loss).backward()
@@ -113,7 +113,7 @@ class TrainStep:
         if freeze or clip > 0:
             self.scaler.unscale_(self.optimizer)
         if freeze:
-            drop_grads(self.frozen)
+            self.freeze.after_backward(self.iteration)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.scaler.step(self.optimizer)
@@ -163,6 +163,11 @@ class Trainer:
         self.framework = build_framework(cfg, self.model).to(self.device)
         if self.channels_last:
             self.framework.to(memory_format=torch.channels_last)
+        self.pretrained_report = self.model.pretrained_report  # counts loaded from model.pretrained; None: random
+        if on_cuda:
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        if cfg.train.compile:
+            compile_backbones(self.model, getattr(self.framework, "key_encoder", None))
         self.step = TrainStep(cfg, self.framework, self.model, self.device, self.iters_per_epoch,
                               amp=self.amp, channels_last=self.channels_last)
         self.optimizer, self.scheduler, self.scaler = self.step.optimizer, self.step.scheduler, self.step.scaler
