@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from reid_core.config import Config
-from reid_core.data import load_dataset
+from reid_core.data import CorruptImageWarning, load_dataset
 from reid_core.data.loader import build_test_loader, shard_bounds
 
 WORLD = 2
@@ -106,7 +106,7 @@ def test_test_loader_shards_concatenate_to_the_whole_set(damaged_root):
     for rank in range(3):
         loader = build_test_loader(dataset.gallery, cfg, batch_size=5, rank=rank, world_size=3)
         assert len(loader.loader.dataset) == 12  # 36 / 3
-        with pytest.warns(Warning):
+        with pytest.warns(CorruptImageWarning):  # each shard holds an unreadable image
             pids += [int(p) for _, batch, _ in loader for p in batch]
         skipped += loader.skipped
     assert pids == readable and skipped == len(BAD_GALLERY)
@@ -227,7 +227,7 @@ def test_two_workers_evaluate_exactly_as_one_process(damaged_root, tmp_path):
         cfg = _config(damaged_root, tmp_path / "single")
         single = Trainer(cfg)
         single.load_checkpoint(tmp_path / "ckpt.pt")
-        with pytest.warns(Warning, match="skipping unreadable image"):
+        with pytest.warns(CorruptImageWarning, match="skipping unreadable image"):
             metrics = single.evaluate()
         features = single.test_features()
         single.cfg = cfg.replace(RERANK_QE)
