@@ -201,8 +201,21 @@ def _trainer_worker(rank: int, root: str, folder: str) -> None:
         tr.save_checkpoint(f"{folder}/ckpt.pt")
         tr.cfg = cfg.replace(RERANK_QE)
         reranked = tr.evaluate()
+        skipped = tr.skipped_images()
+        # A diverged model (NaN statistics on rank 0, so NaN features on both ranks): the metrics fail on
+        # rank 0, and every rank raises instead of waiting for rank 0's broadcast.
+        tr.cfg = cfg
+        if rank == 0:
+            for name, buffer in tr.model.named_buffers():
+                if name.endswith("running_mean"):
+                    buffer.fill_(float("nan"))
+        try:
+            tr.evaluate()
+            failure = ""
+        except (ValueError, RuntimeError) as exc:
+            failure = f"{type(exc).__name__}: {exc}"
         torch.save({"metrics": metrics, "reranked": reranked, "features": features, "own_buffers": own,
-                    "rng_kept": rng_kept, "buffers_kept": buffers_kept, "skipped": tr.skipped_images(),
+                    "rng_kept": rng_kept, "buffers_kept": buffers_kept, "skipped": skipped, "failure": failure,
                     "shard_sizes": (len(tr.query_loader.loader.dataset), len(tr.gallery_loader.loader.dataset))},
                    f"{folder}/rank{rank}.pt")
         tr.close()
@@ -252,3 +265,6 @@ def test_two_workers_evaluate_exactly_as_one_process(damaged_root, tmp_path):
         # three passes over the test sets, each skipping every unreadable image once, whichever rank read it
         assert result["skipped"] == single.skipped_images() == 3 * (len(BAD_QUERY) + len(BAD_GALLERY))
     assert reranked["mAP"] != metrics["mAP"]  # query expansion did change the features
+
+    assert r0["failure"].startswith("ValueError") and "NaN" in r0["failure"]
+    assert r1["failure"] == f"RuntimeError: evaluation failed on rank 0: {r0['failure']}"
