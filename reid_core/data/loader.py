@@ -235,9 +235,23 @@ def build_train_loader(dataset: ReIDDataset, cfg: DataConfig, *, rank: int = 0, 
     return ReIDLoader(DataLoader(data, batch_sampler=sampler, **_loader_kwargs(cfg)), num_classes=len(mapping))
 
 
-def build_test_loader(samples: Sequence[Sample], cfg: DataConfig, batch_size: int) -> ReIDLoader:
+def build_test_loader(samples: Sequence[Sample], cfg: DataConfig, batch_size: int, *, rank: int = 0,
+                      world_size: int = 1) -> ReIDLoader:
     """Batches of ``(images uint8[B,3,H,W], pids, camids)`` of ``samples`` in order, with the test transform.
-    Unreadable images are left out of their batch (counted in ``.skipped``)."""
-    data = ImageDataset(samples, build_test_transform(cfg))
+    Unreadable images are left out of their batch (counted in ``.skipped``).
+
+    With ``world_size > 1``, only this rank's contiguous shard of ``samples`` (see :func:`shard_bounds`).
+    """
+    lo, hi = shard_bounds(len(samples), rank, world_size)
+    data = ImageDataset(samples[lo:hi], build_test_transform(cfg))
     return ReIDLoader(DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=False,
                                  **_loader_kwargs(cfg)))
+
+
+def shard_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous shard ``[lo, hi)`` of ``num_samples`` test samples: ``[r*c, min((r+1)*c, N))``
+    with ``c = ceil(N / world_size)`` (FastReID's inference split); the last shards may be short or empty."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"test loader: rank={rank} is not in 0..world_size-1 (world_size={world_size})")
+    per_rank = -(-num_samples // world_size)
+    return min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)

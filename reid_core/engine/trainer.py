@@ -21,10 +21,10 @@ Evaluation saves and restores the RNG, so when it happens does not change the tr
 
 Distributed: when ``torch.distributed`` is initialised, f_q (``framework.encoder``) is wrapped in
 DistributedDataParallel, each rank loads its slice of the global batch (data.batch_size / ranks), training metrics are
-averaged over ranks, and evaluation runs on rank 0 only (the test sets are small next to training, and
-splitting them would need a feature all-gather for no gain); the other ranks wait for rank 0's
-metrics in a broadcast, so every rank returns the same dict. Only rank 0 writes TensorBoard and
-checkpoints.
+averaged over ranks, and evaluation shares the work: each rank extracts the features of its contiguous
+shard of query and gallery, the shards are all-gathered in dataset order, and rank 0 computes the metrics
+and broadcasts them, so every rank returns the same dict (the one a single process computes). Only rank 0
+writes TensorBoard and checkpoints.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ from reid_core.data import (DatasetError, ReIDDataset, build_test_loader, build_
 from reid_core.engine import checkpoint as ckpt
 from reid_core.engine.optim import BackboneFreeze, build_optimizer, build_scheduler, trainable_parameters
 from reid_core.engine.tensorboard import ScalarLogger
-from reid_core.evaluation import evaluate_features, extract_features
+from reid_core.evaluation import evaluate_features
+from reid_core.evaluation.features import extract_features_sharded, rank0_buffers
 from reid_core.models import build_model, compile_backbones
 from reid_core.moreid import build_framework
 
@@ -156,8 +157,11 @@ class Trainer:
         if self.iters_per_epoch < 1:
             raise ConfigError(f"the training split of {cfg.data.dataset} gives no batch of "
                               f"data.batch_size={cfg.data.batch_size}")
-        self.query_loader = build_test_loader(self.dataset.query, cfg.data, cfg.eval.batch_size)
-        self.gallery_loader = build_test_loader(self.dataset.gallery, cfg.data, cfg.eval.batch_size)
+        # Each rank reads its own shard of the test sets; evaluate() gathers the features.
+        shard = dict(rank=self.rank, world_size=self.world_size)
+        self.query_loader = build_test_loader(self.dataset.query, cfg.data, cfg.eval.batch_size, **shard)
+        self.gallery_loader = build_test_loader(self.dataset.gallery, cfg.data, cfg.eval.batch_size, **shard)
+        self.test_skipped = 0  # unreadable query/gallery images of every rank's shard, over all evaluations
 
         self.model = build_model(cfg.model, self.num_classes)
         self.framework = build_framework(cfg, self.model).to(self.device)
@@ -209,14 +213,15 @@ class Trainer:
                                    f"{self.train_loader.first_bad}); check the JPEG files under {self.dataset.root}")
 
     def skipped_images(self) -> int:
-        """Unreadable images met so far (replaced in training, left out of the query and gallery sets),
-        summed over ranks: under DDP every rank must call it (one all-reduce)."""
-        count = sum(loader.skipped for loader in (self.train_loader, self.query_loader, self.gallery_loader))
+        """Unreadable images met so far: training images (replaced) summed over ranks, and the query and
+        gallery images of all ranks (left out; the same count as one process evaluating the whole test sets).
+        Under DDP every rank must call it (one all-reduce)."""
+        count = self.train_loader.skipped
         if self.distributed:
             total = torch.tensor([count], dtype=torch.int64, device=self.device)
             dist.all_reduce(total)
             count = int(total.item())
-        return count
+        return count + self.test_skipped
 
     def train_epoch(self) -> dict[str, float]:
         """Train ``iters_per_epoch`` steps; returns epoch means of :data:`TRAIN_METRICS` (averaged
@@ -262,35 +267,66 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """mAP, R1, R5, R10, mINP and ``cmc`` (list over ranks 1..max_rank), all in percent, of the
         test encoder (``framework.test_encoder()``) on query vs gallery; with ``eval.rerank`` also the
-        same keys with ``_rerank`` appended (k-reciprocal re-ranking). Computed on rank 0 and
-        broadcast, so every rank returns the same dict."""
+        same keys with ``_rerank`` appended (k-reciprocal re-ranking). Every rank must call it: each
+        extracts the features of its shard (:meth:`test_features`), rank 0 computes the metrics of the
+        gathered features and broadcasts them, so every rank returns the same dict; an error in the
+        metrics is raised on every rank."""
+        # Test loaders draw a seed from the global RNG; restoring it keeps training independent of
+        # when (and whether) evaluations happen.
+        rng = ckpt.rng_state()
         metrics: dict[str, Any] | None = None
-        if self.rank == 0:
-            # Test loaders draw a seed from the global RNG; restoring it keeps training independent of
-            # when (and whether) evaluations happen.
-            rng = ckpt.rng_state()
-            try:
-                metrics = self._evaluate_local()
-            finally:
-                ckpt.set_rng_state(rng)
-            self.logger.scalars("eval", metrics, self.epoch)
-            self.logger.flush()
+        error: Exception | None = None
+        try:
+            features = self.test_features()
+            if self.rank == 0:
+                try:
+                    metrics = self._metrics(*features)
+                except Exception as exc:
+                    if not self.distributed:
+                        raise
+                    error = exc
+        finally:
+            ckpt.set_rng_state(rng)
         if self.distributed:
-            box = [metrics]
+            box: list[Any] = [metrics if error is None else f"{type(error).__name__}: {error}"]
             dist.broadcast_object_list(box, src=0)
+            if error is not None:
+                raise error
+            if isinstance(box[0], str):
+                raise RuntimeError(f"evaluation failed on rank 0: {box[0]}")
             metrics = box[0]
         assert metrics is not None
+        if self.rank == 0:
+            self.logger.scalars("eval", metrics, self.epoch)
+            self.logger.flush()
         return metrics
 
-    def _evaluate_local(self) -> dict[str, Any]:
+    @torch.no_grad()
+    def test_features(self) -> tuple[torch.Tensor, ...]:
+        """``(qf float32[Nq, D], gf float32[Ng, D], q_pids, g_pids, q_camids, g_camids)`` of the test encoder,
+        on the CPU, in dataset order, unreadable images left out, on every rank: each rank extracts its
+        shard (with rank 0's BatchNorm statistics) and the shards are all-gathered. Every rank must call it.
+        Adds the unreadable images skipped on all ranks to ``test_skipped``. Uses the global RNG (see
+        :meth:`evaluate`)."""
         encoder = unwrap(unwrap(self.framework).test_encoder())
-        e = self.cfg.eval
+        flip = self.cfg.eval.flip
+        skipped = self.query_loader.skipped + self.gallery_loader.skipped
         # extract_features switches to eval mode and back; autocast as in training (features come back fp32)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            qf, qp, qc = extract_features(encoder, self.query_loader, self.device, flip=e.flip, progress=False)
-            gf, gp, gc = extract_features(encoder, self.gallery_loader, self.device, flip=e.flip, progress=False)
-        # Ranking runs on the training device (chunked, memory-bounded).
-        qf, gf = qf.to(self.device), gf.to(self.device)
+        with rank0_buffers(encoder), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            qf, qp, qc = extract_features_sharded(encoder, self.query_loader, self.device, flip=flip, progress=False)
+            gf, gp, gc = extract_features_sharded(encoder, self.gallery_loader, self.device, flip=flip,
+                                                  progress=False)
+        new = torch.tensor([self.query_loader.skipped + self.gallery_loader.skipped - skipped], device=self.device)
+        if self.distributed:
+            dist.all_reduce(new)
+        self.test_skipped += int(new.item())
+        return qf, gf, qp, gp, qc, gc
+
+    def _metrics(self, qf: torch.Tensor, gf: torch.Tensor, qp: torch.Tensor, gp: torch.Tensor, qc: torch.Tensor,
+                 gc: torch.Tensor) -> dict[str, Any]:
+        """The reported metrics of the gathered features (query expansion and re-ranking as configured)."""
+        e = self.cfg.eval
+        qf, gf = qf.to(self.device), gf.to(self.device)  # ranking runs on the training device (chunked)
         options = dict(metric=e.metric, max_rank=e.max_rank, chunk_size=e.chunk_size,
                        memory_budget_mb=e.memory_budget_mb, query_expansion=e.query_expansion, qe_k=e.qe_k,
                        qe_alpha=e.qe_alpha)
