@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,6 +183,7 @@ class Head:
             except ProcessLookupError:
                 pass
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def driver(self, env: dict[str, str]) -> subprocess.CompletedProcess:
         """A fresh process that joins the head as a study driver does, runs a task and asks the State API."""
@@ -233,6 +235,7 @@ def test_head_without_its_token_refuses_to_start(head, tmp_path):
     assert process.returncode != 0
     assert "no authentication token was found" in output, output[-2000:]
     assert not _pids_naming(temp_dir)  # nothing was left running
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_token_made_by_rays_command_is_owner_only(head):
