@@ -32,7 +32,8 @@ def _quick_run() -> tuple[dict, str]:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
         out = subprocess.run([sys.executable, "-c", SHIM], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=540)
-        assert out.returncode == 0, f"benchmarks.gpu --device cpu --quick failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        assert out.returncode == 0, (f"benchmarks.gpu --device cpu --quick failed:\n{out.stdout[-3000:]}\n"
+                                     f"{out.stderr[-3000:]}")
         _RUN["summary"], _RUN["output"] = json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
     return _RUN["summary"], _RUN["output"]
 
