@@ -33,9 +33,9 @@ A row whose config key is missing from this build (``train.amp_dtype``, ``train.
 toggles on the VeRi-776 shape only, fp32 on the Market-1501 shape; torch.compile with the ``aot_eager``
 backend) for the test suite: its numbers are a smoke test, not measurements.
 
-Time on one H100 (not measured yet): about 2 minutes of eager rows, a minute of parts, evaluation and
-re-ranking, then the compiled rows, each run only while 180 s of the 420 s budget are left (their first
-step compiles); so the run stays under 8 minutes.
+Time on one H100, estimated (no GPU has been lent yet to measure it): about 2 minutes of eager rows and
+one of parts, evaluation and re-ranking; then the compiled rows, each started only while 180 s of a 420 s
+budget are left (their first step compiles), so that the run stays under 8 minutes.
 """
 from __future__ import annotations
 

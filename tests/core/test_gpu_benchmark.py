@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.gpu import QUICK_RECIPES, config_has
+from benchmarks.gpu import FULL, QUICK_RECIPES, Row, config_has, missing_keys, planned_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = ("ray", "optuna", "pandas", "study")
@@ -104,3 +104,17 @@ def test_quick_parts_evaluation_and_rerank_are_reported():
     for name in ("evaluation", "rerank"):
         result = summary[name]
         assert 0 < result["mAP"] <= 1 and result["seconds"] > 0 and result["floor_ms"] > 0
+
+
+def test_full_plan_is_the_documented_subset_of_the_cross_product():
+    eager, compiled = planned_rows(FULL.recipes, FULL.grid)
+    toggle = "bf16" if config_has("train.amp_dtype") else "fp16"
+    expected = {Row(r, fw, p, True, False) for r in ("veri776", "market1501") for fw in ("baseline", "moreid")
+                for p in ("fp32", "fp16", "bf16")}
+    expected |= {Row(r, "moreid", toggle, False, False) for r in ("veri776", "market1501")}
+    assert set(eager) == expected and len(eager) == 14
+    assert compiled == [Row(r, "moreid", toggle, True, True) for r in ("veri776", "market1501")]
+    assert missing_keys(Row("veri776", "baseline", "fp32", True, False)) == []
+    assert ("train.amp_dtype" in missing_keys(Row("veri776", "moreid", "bf16", True, False))) \
+        == (not config_has("train.amp_dtype"))
+    assert config_has("train.amp") and not config_has("train.no_such_key")
