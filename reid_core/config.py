@@ -27,6 +27,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 LOSSES = ("triplet", "npair", "ranked_list", "he")
 DISTANCES = ("euclidean", "cosine")
 FRAMEWORKS = ("baseline", "moreid")
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass
@@ -143,6 +144,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # on CUDA only
+    amp_dtype: str = "float16"  # float16 (with a GradScaler) | bfloat16 (no scaler); losses, keys stay float32
     channels_last: bool = True  # on CUDA only
     log_every: int = 20  # iterations between TensorBoard step scalars
     output_dir: str = "runs/default"
@@ -273,6 +275,7 @@ class Config:
             raise ConfigError(f"optim.warmup_factor must be in (0, 1], got {o.warmup_factor}")
         _nonneg("train.iters_per_epoch", t.iters_per_epoch)
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.amp_dtype", t.amp_dtype, AMP_DTYPES)
         _choice("eval.metric", e.metric, DISTANCES)
         _nonneg("eval.chunk_size", e.chunk_size)
         _prob("eval.rerank_lambda", e.rerank_lambda)

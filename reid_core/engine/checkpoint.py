@@ -52,18 +52,35 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    """The state of every generator training draws from: torch (CPU and CUDA), numpy, python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The state of every generator training draws from: torch (CPU and CUDA), numpy, python, as tensors
+    and plain numbers only (a checkpoint holding it loads with ``torch.load(..., weights_only=True)``)."""
+    kind, mt, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(mt, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore a state captured by :func:`rng_state` (CUDA only where both sides have it)."""
+    """Restore a state captured by :func:`rng_state` (CUDA only where both sides have it). Also takes
+    the numpy and python states in their native forms (checkpoints written before they were tensors)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state, python_state = state["numpy"], state["python"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
+    if isinstance(python_state, dict):
+        python_state = (python_state["version"], tuple(python_state["internal"].tolist()),
+                        python_state["gauss_next"])
+    random.setstate(python_state)
     if "cuda" in state and torch.cuda.is_available():
         states = state["cuda"]
         if len(states) == torch.cuda.device_count():
