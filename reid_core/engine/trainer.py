@@ -78,6 +78,20 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+# DDP's own per-forward buffer broadcast, switched off (the keyword was renamed in recent PyTorch).
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """f_q in DistributedDataParallel, without DDP's per-forward buffer broadcast: the framework broadcasts
+    rank 0's BatchNorm statistics once per step (after the optimizer step, before the momentum update
+    reads them), so a second broadcast would only repeat it."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False, **_NO_FORWARD_BUFFER_SYNC)
+
+
 class TrainStep:
     """One optimizer step of a framework, with everything it needs: optimizer, per-iteration
     schedule, AMP (autocast and, for float16, a gradient scaler), backbone freeze, gradient clipping and
@@ -207,11 +221,7 @@ class Trainer:
                               amp=self.amp, channels_last=self.channels_last, amp_dtype=self.amp_dtype)
         self.optimizer, self.scheduler, self.scaler = self.step.optimizer, self.step.scheduler, self.step.scaler
         if self.distributed:
-            # broadcast_buffers=False: the framework broadcasts rank 0's BatchNorm statistics once per step
-            # (after the optimizer step, before the momentum update reads them).
-            self.framework.encoder = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if on_cuda else None, find_unused_parameters=False,
-                **_NO_FORWARD_BUFFER_SYNC)
+            self.framework.encoder = wrap_ddp(self.model, self.device)
 
         self.epoch = 0  # epochs completed
         self.sampler_pass = 0  # passes over the sampler started (its epoch number)
@@ -434,12 +444,6 @@ class Trainer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# DDP's own per-forward buffer broadcast, switched off (the keyword was renamed in recent PyTorch).
-_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                           else {"broadcast_buffers": False})
 
 
 def _set_sampler_epoch(loader: Any, epoch: int) -> None:
