@@ -25,6 +25,14 @@ averaged over ranks, and evaluation runs on rank 0 only (the test sets are small
 splitting them would need a feature all-gather for no gain); the other ranks wait for rank 0's
 metrics in a broadcast, so every rank returns the same dict. Only rank 0 writes TensorBoard and
 checkpoints.
+
+The global batch: each rank's metric loss takes its own anchors against every rank's samples (gathered in
+rank order with their gradient, :mod:`reid_core.moreid.collective`), so a run's numbers do not depend on
+how many ranks share it; cross-entropy stays per rank, and DDP's gradient averaging makes it the global
+mean. Rank 0's BatchNorm statistics reach the other ranks in one broadcast per step, by the framework
+(DDP's own per-forward broadcast is off). A training step does not wait for the device: its statistics
+and the non-finite guard (:mod:`reid_core.engine.finite`) are read every ``train.log_every`` steps and at
+the end of an epoch. Checkpoints hold tensors and plain containers only (``weights_only=True`` reads them).
 """
 from __future__ import annotations
 
@@ -165,8 +173,9 @@ class TrainStep:
             return
         ids, counts = np.unique(labels.numpy(), return_counts=True)
         if counts.max() > self.instances:
-            raise ValueError(f"a training batch holds {counts.max()} images of identity {ids[counts.argmax()]}, "
-                             f"more than data.num_instance = {self.instances} (K of the P x K batches)")
+            raise DatasetError(f"a training batch holds {counts.max()} images of identity {ids[counts.argmax()]}, "
+                               f"more than data.num_instance = {self.instances} (K of the P x K batches), which "
+                               "bounds the metric loss's positives")
 
     def load_scaler_state(self, state: dict[str, Any] | None) -> None:
         """Restore the GradScaler's state where both sides scale (float16 AMP); a checkpoint saved without

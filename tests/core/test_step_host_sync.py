@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from reid_core.config import Config
-from reid_core.data import synthetic
+from reid_core.data import DatasetError, synthetic
 from reid_core.engine.trainer import Trainer, TrainStep
 from reid_core.models import build_model
 from reid_core.moreid import build_framework
@@ -98,6 +98,18 @@ def test_train_steps_make_no_synchronizing_call(overrides):
     with count_syncs() as calls:
         stats = out.stats
     assert calls == ["tolist"] and stats["valid"] == 8.0
+
+
+def test_a_batch_with_more_than_k_images_of_an_identity_is_refused():
+    cfg = _cfg(**{"framework.name": "moreid", "loss.name": "he"})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=8)
+    framework = build_framework(cfg, model).train()
+    step = TrainStep(cfg, framework, model, torch.device("cpu"), iters_per_epoch=10)
+    images, _ = _batch(0)
+    with pytest.raises(DatasetError, match="5 images of identity 3, more than data.num_instance = 4"):
+        step(images, torch.tensor([3, 3, 3, 3, 3, 5, 5, 5]))
+    assert step.iteration == 0 and framework.dictionary.ptr == 0
 
 
 def test_past_positives_ablation_reads_one_count_per_step():
