@@ -79,8 +79,8 @@ class TripletLoss(MetricLoss):
 
     def _weighted(self, dist: Tensor, pos: Tensor, neg: Tensor, max_pos: int | None):
         """Positives are few (<= K per anchor): their weighted mean is taken over the top-k of size max|P|
-        (or the bound ``max_pos``) with plain autograd. Negatives fill the row: their weighted mean is one custom function with a
-        single saved [B, M] buffer (see :class:`_NearWeightedMean`)."""
+        (or the bound ``max_pos``) with plain autograd. Negatives fill the row: their weighted mean is one
+        custom function with a single saved [B, M] buffer (see :class:`_NearWeightedMean`)."""
         n_pos, n_neg = pos.sum(1), neg.sum(1)
         k = top_k_size(n_pos, max_pos, dist.shape[1])
         valid = (n_pos > 0) & (n_neg > 0)

@@ -168,3 +168,13 @@ def test_resume_across_amp_settings_and_weights_only_checkpoints(tiny_root, tmp_
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
         assert state["iteration"] == i + 1 and bool(state["scaler"]) == trainer.scaler.is_enabled()
         trainer.close()
+
+
+def test_amp_dtype_is_validated_by_name():
+    from reid_core.config import ConfigError
+
+    assert Config().train.amp_dtype == "float16"  # as before: fp16 with a GradScaler where AMP is on
+    with pytest.raises(ConfigError, match="train.amp_dtype must be one of float16, bfloat16; got 'float8'"):
+        Config().replace({"train.amp_dtype": "float8"})
+    with pytest.raises(ValueError, match="amp_dtype must be torch.float16 or torch.bfloat16"):
+        _step(_cfg(), amp=True, amp_dtype=torch.float32)
