@@ -28,6 +28,7 @@ LOSSES = ("triplet", "npair", "ranked_list", "he")
 DISTANCES = ("euclidean", "cosine")
 FRAMEWORKS = ("baseline", "moreid")
 NON_LOCAL_FORMS = ("dot_product", "embedded_gaussian")
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass
@@ -148,6 +149,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # on CUDA only
+    amp_dtype: str = "float16"  # float16 (with a GradScaler) | bfloat16 (no scaler); losses, keys stay float32
     channels_last: bool = True  # on CUDA only; IBN-a blocks return to the default layout (see models.IBN)
     cudnn_benchmark: bool = True  # on CUDA only: torch.backends.cudnn.benchmark (autotuned convolutions)
     compile: bool = False  # torch.compile the backbones (f_q, and f_k for MoReID)
@@ -284,6 +286,7 @@ class Config:
             raise ConfigError(f"optim.warmup_factor must be in (0, 1], got {o.warmup_factor}")
         _nonneg("train.iters_per_epoch", t.iters_per_epoch)
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.amp_dtype", t.amp_dtype, AMP_DTYPES)
         _choice("eval.metric", e.metric, DISTANCES)
         _nonneg("eval.chunk_size", e.chunk_size)
         _prob("eval.rerank_lambda", e.rerank_lambda)

@@ -25,14 +25,24 @@ averaged over ranks, and evaluation shares the work: each rank extracts the feat
 shard of query and gallery, the shards are all-gathered in dataset order, and rank 0 computes the metrics
 and broadcasts them, so every rank returns the same dict (the one a single process computes). Only rank 0
 writes TensorBoard and checkpoints.
+
+The global batch: each rank's metric loss takes its own anchors against every rank's samples (gathered in
+rank order with their gradient, :mod:`reid_core.moreid.collective`), so a run's numbers do not depend on
+how many ranks share it; cross-entropy stays per rank, and DDP's gradient averaging makes it the global
+mean. Rank 0's BatchNorm statistics reach the other ranks in one broadcast per step, by the framework
+(DDP's own per-forward broadcast is off). A training step does not wait for the device: its statistics
+and the non-finite guard (:mod:`reid_core.engine.finite`) are read every ``train.log_every`` steps and at
+the end of an epoch. Checkpoints hold tensors and plain containers only (``weights_only=True`` reads them).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,15 +52,17 @@ from reid_core.config import Config, ConfigError
 from reid_core.data import (DatasetError, ReIDDataset, build_test_loader, build_train_loader, dataset_num_classes,
                             load_dataset)
 from reid_core.engine import checkpoint as ckpt
+from reid_core.engine.finite import FiniteGuard
 from reid_core.engine.optim import BackboneFreeze, build_optimizer, build_scheduler, trainable_parameters
 from reid_core.engine.tensorboard import ScalarLogger
 from reid_core.evaluation import evaluate_features
 from reid_core.evaluation.features import extract_features_sharded, rank0_buffers
 from reid_core.models import build_model, compile_backbones
-from reid_core.moreid import build_framework
+from reid_core.moreid import STAT_NAMES, build_framework
 
-# Training metric name -> key of StepOutput.stats it is read from (missing keys count as 0).
+# Training metric name -> key of StepOutput.stats it is read from.
 STAT_METRICS = {"hard/pos": "hard_pos", "hard/neg": "hard_neg", "dict/fill": "dict_fill"}
+_STAT_INDEX = [STAT_NAMES.index(key) for key in STAT_METRICS.values()]
 TRAIN_METRICS = ("loss/total", "loss/ce", "loss/metric", *STAT_METRICS, "lr")
 EVAL_METRICS = ("mAP", "R1", "R5", "R10", "mINP")
 CHECKPOINT_FORMAT = 1
@@ -74,40 +86,69 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+# DDP's own per-forward buffer broadcast, switched off (the keyword was renamed in recent PyTorch).
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """f_q in DistributedDataParallel, without DDP's per-forward buffer broadcast: the framework broadcasts
+    rank 0's BatchNorm statistics once per step (after the optimizer step, before the momentum update
+    reads them), so a second broadcast would only repeat it."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False, **_NO_FORWARD_BUFFER_SYNC)
+
+
 class TrainStep:
     """One optimizer step of a framework, with everything it needs: optimizer, per-iteration
-    schedule, AMP scaler, backbone freeze and gradient clipping. :class:`Trainer` drives one; the
-    step benchmark times one directly.
+    schedule, AMP (autocast and, for float16, a gradient scaler), backbone freeze, gradient clipping and
+    the non-finite guard. :class:`Trainer` drives one; the step benchmark times one directly.
 
     ``framework`` must already be on ``device`` (and in channels_last when ``channels_last``);
-    ``model`` is f_q unwrapped (its ``backbone`` is what ``optim.freeze_iters`` freezes).
+    ``model`` is f_q unwrapped (its ``backbone`` is what ``optim.freeze_iters`` freezes). ``amp_dtype``:
+    ``torch.float16`` (scaled gradients) or ``torch.bfloat16`` (no scaler); distances, losses, keys and
+    the momentum update stay float32 either way.
+
+    A step does not synchronize with the host: its statistics stay on the device
+    (``StepOutput.stats_tensor``) and a non-finite loss or key is recorded in :attr:`guard` (read it with
+    ``guard.check()``). Exceptions: float16's GradScaler reads its inf check each step, and the
+    ``framework.include_past_positives`` ablation reads its largest positive count.
     """
 
     def __init__(self, cfg: Config, framework: nn.Module, model: nn.Module, device: torch.device,
-                 iters_per_epoch: int, *, amp: bool = False, channels_last: bool = False) -> None:
+                 iters_per_epoch: int, *, amp: bool = False, channels_last: bool = False,
+                 amp_dtype: torch.dtype = torch.float16) -> None:
+        if amp_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be torch.float16 or torch.bfloat16; got {amp_dtype}")
         self.cfg = cfg
         self.framework = framework
         self.device = device
         self.amp = amp
+        self.amp_dtype = amp_dtype
         self.channels_last = channels_last
         self.params = trainable_parameters(framework)
         self.optimizer = build_optimizer(cfg, framework)
         self.scheduler = build_scheduler(cfg, self.optimizer, iters_per_epoch)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
         self.freeze = BackboneFreeze.for_framework(framework, model, cfg.optim.freeze_iters)
+        self.guard = FiniteGuard(device)
+        self.instances = cfg.data.num_instance  # K: bounds the in-batch positives (P x K batches)
         self.iteration = 0  # optimizer steps taken
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on a batch (images float[B,3,H,W], labels long[B]); returns the
-        framework's StepOutput. Order: forward (autocast), scaled backward, freeze, clip, step,
-        momentum update of f_k, schedule."""
+        framework's StepOutput. Order: forward (autocast), non-finite guard, scaled backward, freeze,
+        clip, step, enqueue of the keys (unless non-finite) and momentum update of f_k, schedule."""
+        self._check_instances(labels)
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         self.freeze.before_step(self.iteration)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            out = self.framework(images, labels)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            out = self.framework(images, labels, instances=self.instances)
+        keep = self.guard.update(out.finite, self.iteration)
         self.scaler.scale(out.loss).backward()
         freeze = self.iteration < self.cfg.optim.freeze_iters
         clip = self.cfg.optim.grad_clip
@@ -120,28 +161,50 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        unwrap(self.framework).after_optimizer_step()
+        unwrap(self.framework).after_optimizer_step(keep)
         self.scheduler.step()
         self.iteration += 1
         return out
+
+    def _check_instances(self, labels: torch.Tensor) -> None:
+        """The metric loss's top-k relies on at most K images of an identity per batch (the P x K
+        sampler's, each worker holding whole identities); checked on host-side labels, which cost no
+        device synchronization."""
+        if labels.device.type != "cpu" or not len(labels):
+            return
+        ids, counts = np.unique(labels.numpy(), return_counts=True)
+        if counts.max() > self.instances:
+            raise DatasetError(f"a training batch holds {counts.max()} images of identity {ids[counts.argmax()]}, "
+                               f"more than data.num_instance = {self.instances} (K of the P x K batches), which "
+                               "bounds the metric loss's positives")
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        """Restore the GradScaler's state where both sides scale (float16 AMP); a checkpoint saved without
+        it (AMP off, or bfloat16) leaves a float16 run's scaler at its initial scale, and a bfloat16 or
+        AMP-off run ignores a saved one."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 
 class Trainer:
     """Trains and evaluates one model described by ``cfg`` (see the module docstring).
 
     ``log_dir``: TensorBoard folder (default ``{train.output_dir}/tensorboard``). ``device``
-    overrides ``train.device`` (e.g. the device Ray Train assigned to this worker).
+    overrides ``train.device`` (e.g. the device Ray Train assigned to this worker). ``amp`` overrides
+    the rule "``train.amp`` on CUDA only" (tests run AMP on the CPU with it).
     """
 
     def __init__(self, cfg: Config, *, log_dir: str | os.PathLike | None = None,
-                 device: torch.device | str | None = None, dataset: ReIDDataset | None = None) -> None:
+                 device: torch.device | str | None = None, dataset: ReIDDataset | None = None,
+                 amp: bool | None = None) -> None:
         self.cfg = cfg.validate()
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
         on_cuda = self.device.type == "cuda"
-        self.amp = cfg.train.amp and on_cuda
+        self.amp = cfg.train.amp and on_cuda if amp is None else amp
+        self.amp_dtype = getattr(torch, cfg.train.amp_dtype)
         self.channels_last = cfg.train.channels_last and on_cuda
         if on_cuda:
             torch.cuda.set_device(self.device)
@@ -173,11 +236,10 @@ class Trainer:
         if cfg.train.compile:
             compile_backbones(self.model, getattr(self.framework, "key_encoder", None))
         self.step = TrainStep(cfg, self.framework, self.model, self.device, self.iters_per_epoch,
-                              amp=self.amp, channels_last=self.channels_last)
+                              amp=self.amp, channels_last=self.channels_last, amp_dtype=self.amp_dtype)
         self.optimizer, self.scheduler, self.scaler = self.step.optimizer, self.step.scheduler, self.step.scaler
         if self.distributed:
-            self.framework.encoder = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if on_cuda else None, find_unused_parameters=False)
+            self.framework.encoder = wrap_ddp(self.model, self.device)
 
         self.epoch = 0  # epochs completed
         self.sampler_pass = 0  # passes over the sampler started (its epoch number)
@@ -225,37 +287,44 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         """Train ``iters_per_epoch`` steps; returns epoch means of :data:`TRAIN_METRICS` (averaged
-        over ranks) plus ``epoch`` (epochs completed) and ``images_per_s`` (all ranks together)."""
+        over ranks) plus ``epoch`` (epochs completed) and ``images_per_s`` (all ranks together).
+
+        The step statistics stay on the device and are read in one batch every ``train.log_every``
+        iterations (with the non-finite guard, which raises :class:`NonFiniteError` there) and at the
+        end of the epoch: no other host synchronization."""
         self.framework.train()
         log_every = self.cfg.train.log_every
-        loss_sums = torch.zeros(3, device=self.device, dtype=torch.float64)
-        sums = {name: 0.0 for name in (*STAT_METRICS, "lr")}
+        sums = torch.zeros(3 + len(STAT_METRICS), device=self.device, dtype=torch.float64)
+        lr_sum = 0.0
         images_seen = 0
         start = time.perf_counter()
         for _, (images, labels, *_rest) in zip(range(self.iters_per_epoch), self._batches()):
             lr = self.optimizer.param_groups[0]["lr"]
             out = self.train_step(images, labels)
-            losses = torch.stack([out.loss.detach(), out.terms["ce"].detach(), out.terms["metric"].detach()])
-            loss_sums += losses.double()
-            stats = {name: float(out.stats.get(key, 0.0)) for name, key in STAT_METRICS.items()}
-            for name, value in stats.items():
-                sums[name] += value
-            sums["lr"] += lr
+            with torch.no_grad():
+                values = torch.cat([torch.stack([out.loss, out.terms["ce"], out.terms["metric"]]).float(),
+                                    out.stats_tensor[_STAT_INDEX]]).double()
+                sums += values
+            lr_sum += lr
             images_seen += images.shape[0]
-            if self.logger.enabled and self.iteration % log_every == 0:
-                total, ce, metric = losses.tolist()
-                self.logger.scalars("train", {"loss/total": total, "loss/ce": ce, "loss/metric": metric,
-                                              **stats, "lr": lr}, self.iteration)
+            if self.iteration % log_every == 0:
+                read = torch.cat([values, self.step.guard.record.double()]).tolist()  # the one sync
+                self.step.guard.check(read[-2:])
+                if self.logger.enabled:
+                    self.logger.scalars("train", {**dict(zip(("loss/total", "loss/ce", "loss/metric", *STAT_METRICS),
+                                                             read[:-2])), "lr": lr}, self.iteration)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         n = self.iters_per_epoch
-        values = torch.tensor([*(loss_sums / n).tolist(), *(v / n for v in sums.values()), images_seen / seconds],
+        read = torch.cat([sums, self.step.guard.record.double()]).tolist()
+        self.step.guard.check(read[-2:])
+        values = torch.tensor([*(v / n for v in read[:-2]), lr_sum / n, images_seen / seconds],
                               dtype=torch.float64, device=self.device)
         if self.distributed:
             dist.all_reduce(values)
             values[:-1] /= self.world_size  # means average; images/s adds up
-        names = ("loss/total", "loss/ce", "loss/metric", *sums)
+        names = ("loss/total", "loss/ce", "loss/metric", *STAT_METRICS, "lr")
         self.epoch += 1
         metrics = dict(zip(names, values[:-1].tolist()))
         metrics.update(epoch=self.epoch, images_per_s=values[-1].item())
@@ -312,7 +381,7 @@ class Trainer:
         flip = self.cfg.eval.flip
         skipped = self.query_loader.skipped + self.gallery_loader.skipped
         # extract_features switches to eval mode and back; autocast as in training (features come back fp32)
-        with rank0_buffers(encoder), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with rank0_buffers(encoder), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             qf, qp, qc = extract_features_sharded(encoder, self.query_loader, self.device, flip=flip, progress=False)
             gf, gp, gc = extract_features_sharded(encoder, self.gallery_loader, self.device, flip=flip,
                                                   progress=False)
@@ -341,7 +410,8 @@ class Trainer:
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write a checkpoint to ``path`` (a file, or a folder that gets ``checkpoint.pt``)
         atomically. Call it on every rank: RNG states are gathered from all ranks; rank 0 writes.
-        Returns the file path."""
+        Returns the file path. A run whose loss or keys went non-finite raises NonFiniteError instead."""
+        self.step.guard.check()
         rng = ckpt.rng_state()
         if self.distributed:
             states: list[Any] = [None] * self.world_size
@@ -388,7 +458,7 @@ class Trainer:
                                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.step.load_scaler_state(state.get("scaler"))
         self.epoch = int(state["epoch"])
         self.step.iteration = int(state["iteration"])
         self.sampler_pass = int(state["sampler_pass"])
