@@ -91,7 +91,11 @@ def test_fp16_overflow_skips_the_step_without_an_error():
 
 
 def _poison_image(images, labels):
-    images = images.clone()
+    # Loader batches are uint8, which cannot hold a NaN: normalise them as the model would (it passes
+    # floating-point input through unchanged), then poison one image.
+    from reid_core.data.normalize import PixelNormalize
+
+    images = PixelNormalize()(images) if not images.is_floating_point() else images.clone()
     images[2] = float("nan")
     return images, labels
 
