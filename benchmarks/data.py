@@ -1,5 +1,7 @@
 """Data pipeline throughput: synthetic generation time, JPEG decoding, and decoded + augmented training
-images per second for 0, 1 and 2 loader workers (on synthetic JPEGs generated into a temp folder).
+images per second for 0, 1 and 2 loader workers (on synthetic JPEGs generated into a temp folder), with the
+bytes each image takes out of the loader (uint8; the model normalises on its device) and, for scale, what
+that normalisation costs on this CPU.
 
 ``python -m benchmarks --only data [--quick]``
 """
@@ -15,7 +17,7 @@ import torch
 from PIL import Image
 
 from reid_core.config import DataConfig, SyntheticConfig
-from reid_core.data import build_dataset, build_train_loader, read_image, synthetic
+from reid_core.data import PixelNormalize, build_dataset, build_train_loader, read_image, synthetic
 
 WORKERS = (0, 1, 2)
 
@@ -43,11 +45,13 @@ def _decode_rates(paths: list[str], repeats: int) -> tuple[float, float]:
     return ours, pil
 
 
-def _loader_rate(dataset, cfg: DataConfig, batches: int) -> float:
-    """Training images/s through the loader, after one warm-up batch (worker start-up excluded)."""
+def _loader_rate(dataset, cfg: DataConfig, batches: int) -> tuple[float, int]:
+    """Training images/s through the loader, after one warm-up batch (worker start-up excluded), and the
+    bytes of one image in the loader's batches."""
     loader = build_train_loader(dataset, cfg, seed=0)
     it = iter(loader)
-    next(it)
+    first, _, _ = next(it)
+    image_bytes = first[0].numel() * first.element_size()
     images, done = 0, 0
     start = time.perf_counter()
     while done < batches:
@@ -60,7 +64,18 @@ def _loader_rate(dataset, cfg: DataConfig, batches: int) -> float:
         done += 1
     rate = images / (time.perf_counter() - start)
     del it, loader
-    return rate
+    return rate, image_bytes
+
+
+def _normalize_rate(cfg: DataConfig, repeats: int) -> float:
+    """Images/s of PixelNormalize on this CPU (the model's first layer; on a GPU it runs on the device)."""
+    batch = torch.randint(0, 256, (cfg.batch_size, 4, cfg.height, cfg.width), dtype=torch.uint8)
+    norm = PixelNormalize()
+    norm(batch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        norm(batch)
+    return repeats * cfg.batch_size / (time.perf_counter() - start)
 
 
 def run(quick: bool = False) -> dict[str, float]:
@@ -87,7 +102,9 @@ def _run(quick: bool) -> dict[str, float]:
         batches = 8 if quick else 30
         for workers in WORKERS:
             cfg = DataConfig(height=256, width=128, batch_size=64, num_instance=4, workers=workers)
-            results[f"data_images_per_s_w{workers}"] = _loader_rate(dataset, cfg, batches)
+            results[f"data_images_per_s_w{workers}"], results["data_bytes_per_image"] = \
+                _loader_rate(dataset, cfg, batches)
+        results["normalize_cpu_images_per_s"] = _normalize_rate(cfg, 5 if quick else 20)
 
     n_default = SyntheticConfig().ids * SyntheticConfig().cams * SyntheticConfig().images_per_id_cam
     n_big = big.ids * big.cams * big.images_per_id_cam
@@ -101,6 +118,8 @@ def _run(quick: bool) -> dict[str, float]:
     print(f"  {'decode, PIL, images/s':<44}{results['decode_pil_images_per_s']:>12.0f}")
     for workers in WORKERS:
         print(f"  {'loader, %d worker(s), images/s' % workers:<44}{results[f'data_images_per_s_w{workers}']:>12.0f}")
+    print(f"  {'loader output, bytes per image':<44}{results['data_bytes_per_image']:>12.0f}")
+    print(f"  {'PixelNormalize on this CPU, images/s':<44}{results['normalize_cpu_images_per_s']:>12.0f}")
     return results
 
 

@@ -15,6 +15,15 @@ many times faster, bounded memory at VeRi-Wild-large scale.
    evaluation together), and ``growth`` the part above the resident set just before evaluating. The
    2,000-query run is done twice and the faster one kept.
 
+3. Sharded feature extraction (the evaluation of a data-parallel run): the synthetic test set (query +
+   gallery, real JPEGs) through a ResNet-18 at 256x128, by 1 process and by 2 gloo processes, each taking
+   its contiguous shard (``build_test_loader(rank=, world_size=)``) and all-gathering the features
+   (``gather_shards``). Reported per worker: its images, its extraction seconds (wall, and CPU seconds of
+   its process: the work it did, whatever else shares the cores), and the gather (which includes waiting
+   for the slower rank); each setting runs twice and the faster run is kept. The
+   threads per process are given (2 cores: 1 process x 2 threads, 1 x 1, 2 x 1); ``--sharded`` runs
+   only this part.
+
 Times are wall-clock on this machine with torch's default threads; the machine may be shared, so the
 load average at the start is printed with the table.
 """
@@ -26,7 +35,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,6 +137,92 @@ def _in_subprocess(num_q: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _shard_worker(rank: int, world: int, threads: int, root: str, folder: str, repeats: int) -> None:
+    """One rank of the sharded extraction: its shard of query + gallery, extracted then gathered, ``repeats``
+    times; writes ``{folder}/rank{rank}.json``."""
+    import torch.distributed as dist
+
+    from reid_core.config import Config
+    from reid_core.data import load_dataset
+    from reid_core.data.loader import build_test_loader
+    from reid_core.evaluation.features import extract_features, gather_shards
+    from reid_core.models import build_model
+
+    torch.set_num_threads(threads)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        cfg = Config().replace({"data.dataset": "synthetic", "data.root": root, "data.height": 256,
+                                "data.width": 128, "data.workers": 0, "model.arch": "resnet18"})
+        dataset = load_dataset(cfg.data)
+        loader = build_test_loader(dataset.query + dataset.gallery, cfg.data, cfg.eval.batch_size, rank=rank,
+                                   world_size=world)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, dataset.num_train_pids).eval()
+        with torch.inference_mode():
+            model.test_features(torch.zeros(2, 3, 256, 128))  # warm-up
+        runs = []
+        for _ in range(repeats):
+            if world > 1:
+                dist.barrier()
+            began, cpu = time.perf_counter(), time.process_time()
+            local = extract_features(model, loader, "cpu", progress=False)
+            extracted, cpu = time.perf_counter(), time.process_time() - cpu
+            if world > 1:
+                gather_shards(*local)
+            done = time.perf_counter()
+            runs.append({"extract_s": extracted - began, "extract_cpu_s": cpu, "gather_s": done - extracted,
+                         "total_s": done - began})
+        result = {"rank": rank, "images": len(loader.loader.dataset), "runs": runs}
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _sharded_setting(root: str, world: int, threads: int, repeats: int) -> dict:
+    """Run the sharded extraction with ``world`` processes; the repeat whose slowest rank was fastest."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="evalshard-") as folder:
+        mp.start_processes(_shard_worker, args=(world, threads, root, folder, repeats), nprocs=world,
+                           start_method="spawn")
+        ranks = [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(world)]
+    best = min(range(repeats), key=lambda i: max(r["runs"][i]["total_s"] for r in ranks))
+    return {"processes": world, "threads": threads, "images": [r["images"] for r in ranks],
+            "extract_s": [r["runs"][best]["extract_s"] for r in ranks],
+            "extract_cpu_s": [r["runs"][best]["extract_cpu_s"] for r in ranks],
+            "gather_s": [r["runs"][best]["gather_s"] for r in ranks],
+            "total_s": max(r["runs"][best]["total_s"] for r in ranks)}
+
+
+def sharded(quick: bool) -> dict[str, float]:
+    """Part 3: extraction time per worker with 1 and 2 processes (see the module docstring)."""
+    from reid_core.data import synthetic
+
+    cores = os.cpu_count() or 1
+    ids = 24 if quick else 40
+    with tempfile.TemporaryDirectory(prefix="evalshard-data-") as tmp:
+        root = str(synthetic.generate(Path(tmp) / "data", "market1501", ids=ids, cams=4, images_per_id_cam=4,
+                                      height=128, width=64, seed=0))
+        load = os.getloadavg()
+        print(f"\nsharded extraction, ResNet-18 at 256x128, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+              f"on {cores} cores")
+        settings = [(1, cores), (1, 1), (2, max(1, cores // 2))]
+        rows = [_sharded_setting(root, world, threads, repeats=2) for world, threads in settings]
+    print(f"{'processes':>9s} {'threads':>8s} {'images/worker':>14s} {'extract s/worker':>17s} "
+          f"{'CPU s/worker':>13s} {'gather s':>12s} {'total s':>8s} {'images/s':>9s}")
+    for r in rows:
+        print(f"{r['processes']:9d} {r['threads']:8d} {'/'.join(map(str, r['images'])):>14s} "
+              f"{'/'.join(f'{x:.2f}' for x in r['extract_s']):>17s} {'/'.join(f'{x:.1f}' for x in r['extract_cpu_s']):>13s} "
+              f"{'/'.join(f'{x:.3f}' for x in r['gather_s']):>12s} "
+              f"{r['total_s']:8.2f} {sum(r['images']) / r['total_s']:9.1f}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    one, _, two = rows
+    return {"eval_extract_1proc_s": one["total_s"], "eval_extract_2proc_s": two["total_s"],
+            "eval_extract_2proc_worker_s": max(two["extract_s"]), "eval_extract_2proc_speedup": one["total_s"] / two["total_s"]}
+
+
 def run(quick: bool) -> dict[str, float]:
     load = os.getloadavg()[0]
     print(f"torch threads {torch.get_num_threads()}, load average {load:.1f} on {os.cpu_count()} cores")
@@ -156,6 +253,7 @@ def run(quick: bool) -> dict[str, float]:
     if not quick:
         figures["eval_veriwild_10000_s"] = large[1]["seconds"]
         figures["eval_veriwild_10000_peak_gib"] = large[1]["peak_gib"]
+    figures.update(sharded(quick))
     return figures
 
 
@@ -163,8 +261,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="evaluation benchmark (use python -m benchmarks --only evaluation)")
     parser.add_argument("--child", type=int, metavar="QUERIES", help="internal: one VeRi-Wild-sized evaluation")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sharded", action="store_true", help="only the sharded extraction (1 and 2 processes)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child)))
+    elif args.sharded:
+        print(json.dumps(sharded(args.quick)))
     else:
         print(json.dumps(run(args.quick)))

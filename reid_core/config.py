@@ -28,6 +28,8 @@ LOSSES = ("triplet", "npair", "ranked_list", "he")
 DISTANCES = ("euclidean", "cosine")
 EVAL_METRICS = ("mAP", "R1", "R5", "R10", "mINP")  # what an evaluation reports (percent)
 FRAMEWORKS = ("baseline", "moreid")
+NON_LOCAL_FORMS = ("dot_product", "embedded_gaussian")
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass
@@ -49,7 +51,7 @@ class DataConfig:
     root: str = ""  # dataset folder; for synthetic, empty means the cache folder
     height: int = 256  # network input, pixels
     width: int = 256
-    batch_size: int = 64  # P x K images per optimizer step (per process under DDP)
+    batch_size: int = 64  # P x K images per optimizer step, all processes together (the global batch)
     num_instance: int = 16  # K, images per identity in a batch
     workers: int = 2  # DataLoader worker processes
     flip_prob: float = 0.5
@@ -66,9 +68,13 @@ class ModelConfig:
     last_stride: int = 1
     ibn: bool = False
     non_local: bool = False
+    non_local_form: str = "dot_product"  # dot_product (FastReID's, the authors') | embedded_gaussian
     pooling: str = "gem"  # gem | avg
     gem_p: float = 3.0
-    pretrained: str = ""  # local path to ImageNet weights; empty = random init (nothing is downloaded)
+    # "" = random init; a local file (torchvision, IBN-Net or FastReID form); or "imagenet": the official
+    # ImageNet file for arch/ibn, fetched once into pretrained_cache and SHA-256 checked
+    pretrained: str = ""
+    pretrained_cache: str = ""  # folder of fetched weights; empty = $MOREID_CACHE/weights or ~/.cache/moreid/weights
     test_feature: str = "after_bn"  # before_bn | after_bn (BNNeck)
     classifier: str = "linear"  # linear | circle (CircleSoftmax, the authors' recipes)
     cls_scale: float = 64.0  # CircleSoftmax scale s
@@ -144,7 +150,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # on CUDA only
-    channels_last: bool = True  # on CUDA only
+    amp_dtype: str = "float16"  # float16 (with a GradScaler) | bfloat16 (no scaler); losses, keys stay float32
+    channels_last: bool = True  # on CUDA only; IBN-a blocks return to the default layout (see models.IBN)
+    cudnn_benchmark: bool = True  # on CUDA only: torch.backends.cudnn.benchmark (autotuned convolutions)
+    compile: bool = False  # torch.compile the backbones (f_q, and f_k for MoReID)
     log_every: int = 20  # iterations between TensorBoard step scalars
     output_dir: str = "runs/default"
     checkpoint_period: int = 1  # epochs
@@ -239,8 +248,12 @@ class Config:
         _positive("model.cls_scale", m.cls_scale)
         if not 0 <= m.cls_margin < 1:
             raise ConfigError(f"model.cls_margin must be in [0, 1), got {m.cls_margin}")
-        if m.pretrained and not Path(m.pretrained).is_file():
-            raise ConfigError(f"model.pretrained: weights file not found: {m.pretrained}")
+        _choice("model.non_local_form", m.non_local_form, NON_LOCAL_FORMS)
+        if m.pretrained and m.pretrained != "imagenet" and not Path(m.pretrained).is_file():
+            raise ConfigError(f"model.pretrained must be '', 'imagenet' or a weights file; file not found: "
+                              f"{m.pretrained}")
+        if m.pretrained_cache and Path(m.pretrained_cache).exists() and not Path(m.pretrained_cache).is_dir():
+            raise ConfigError(f"model.pretrained_cache must be a folder, got the file {m.pretrained_cache}")
         _choice("loss.name", l.name, LOSSES)
         _choice("loss.distance", l.distance, DISTANCES)
         _choice("loss.triplet_mining", l.triplet_mining, ("hard", "weighted"))
@@ -274,6 +287,7 @@ class Config:
             raise ConfigError(f"optim.warmup_factor must be in (0, 1], got {o.warmup_factor}")
         _nonneg("train.iters_per_epoch", t.iters_per_epoch)
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.amp_dtype", t.amp_dtype, AMP_DTYPES)
         _choice("eval.metric", e.metric, DISTANCES)
         _nonneg("eval.chunk_size", e.chunk_size)
         _prob("eval.rerank_lambda", e.rerank_lambda)

@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = trainer.rank != 0
     if not quiet:
         print(trainer.dataset.describe())
-        print(f"device {trainer.device}, {trainer.world_size} process(es), {trainer.num_classes} training ids, "
+        print(f"device {trainer.device}, {trainer.world_size} process(es), global batch {cfg.data.batch_size} "
+              f"({cfg.data.batch_size // trainer.world_size} per process), {trainer.num_classes} training ids, "
               f"{trainer.iters_per_epoch} iterations/epoch, starting at epoch {trainer.epoch}", flush=True)
     start = time.perf_counter()
 
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         metrics = {"epoch": trainer.epoch, **trainer.evaluate()} if args.eval_only else trainer.fit(on_epoch_end)
+        metrics["skipped_images"] = trainer.skipped_images()  # every rank: a sum over ranks
     finally:
         trainer.close()
         if started_dist:

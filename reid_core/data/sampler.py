@@ -6,9 +6,11 @@ drawn with replacement). Chunks are packed into batches of P distinct identities
 every identity (so that every epoch covers all identities), then the other chunks, each identity's
 spread over the epoch. An epoch is therefore about one pass over the training images.
 
-With ``world_size`` > 1, the identities are shuffled with a generator every rank seeds alike and dealt
-out, so each rank gets a disjoint share per epoch; all ranks yield the same number of batches (a rank
-short of chunks adds batches drawn at random from its share).
+The batch is global (``batch_size`` images per optimizer step over all ranks, as FastReID's
+``IMS_PER_BATCH``): every rank builds the same global batches from the seed and takes its slice of
+``batch_size / world_size`` images, whole identities only (``batch_size`` must divide by
+``world_size x K``). So the ranks' slices at a step, concatenated in rank order, are the one-process batch
+of that step, and the number of batches per epoch does not depend on ``world_size``.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ class PKSampler(Sampler[list[int]]):
 
     Args:
         labels: identity of each dataset index (any ints).
-        batch_size: ``P * K``, images per batch on this rank.
+        batch_size: ``P * K``, images per global batch (all ranks together).
         num_instance: ``K``, images per identity in a batch.
         seed: epoch ``e`` is shuffled from ``(seed, e)``.
-        rank, world_size: this worker's share of the identities.
+        rank, world_size: this rank yields images ``[rank * b, (rank + 1) * b)`` of each global batch,
+            ``b = batch_size / world_size`` (a multiple of K).
     """
 
     def __init__(self, labels: Sequence[int], batch_size: int, num_instance: int, *, seed: int = 0,
@@ -40,21 +43,24 @@ class PKSampler(Sampler[list[int]]):
             raise ValueError(f"seed must not be negative, got {seed}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if batch_size % (world_size * num_instance):
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of world_size x num_instance "
+                             f"({world_size} x {num_instance}): each rank takes whole identities")
         self.k = num_instance
         self.p = batch_size // num_instance
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.per_rank = batch_size // world_size  # images of each global batch this rank yields
         labels = np.asarray(labels, dtype=np.int64)
         self.pids, inverse = np.unique(labels, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         bounds = np.cumsum(np.bincount(inverse, minlength=len(self.pids)))[:-1]
         self.index_of = np.split(order, bounds)  # dataset indices of each identity
         n_ids = len(self.pids)
-        if n_ids // world_size < self.p:
-            raise ValueError(f"{n_ids} identities cannot give each of {world_size} rank(s) {self.p} distinct "
-                             f"identities per batch (P = batch_size / num_instance)")
+        if n_ids < self.p:
+            raise ValueError(f"{n_ids} identities cannot give {self.p} distinct identities per batch "
+                             f"(P = batch_size / num_instance)")
         chunks = sum(max(1, math.ceil(len(ix) / self.k)) for ix in self.index_of)
-        max_share = math.ceil(n_ids / world_size)
-        self.num_batches = max(math.ceil(max_share / self.p), round(chunks / (self.p * world_size)))
+        self.num_batches = max(math.ceil(n_ids / self.p), round(chunks / self.p))
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -64,10 +70,9 @@ class PKSampler(Sampler[list[int]]):
         """The next iteration yields epoch ``epoch`` (each iteration then advances by one)."""
         self.epoch = epoch
 
-    def share(self, epoch: int) -> np.ndarray:
-        """Positions (into ``self.pids``) of the identities this rank samples in ``epoch``."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.pids))
-        return perm[self.rank::self.world_size]
+    def order(self, epoch: int) -> np.ndarray:
+        """Positions (into ``self.pids``) of every identity, in the order ``epoch`` first visits them."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pids))
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.epoch
@@ -75,9 +80,14 @@ class PKSampler(Sampler[list[int]]):
         yield from self.batches(epoch)
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """The batches of ``epoch`` on this rank (deterministic)."""
-        rng = np.random.default_rng([self.seed, epoch, 1 + self.rank])
-        share = self.share(epoch)
+        """This rank's slice of each global batch of ``epoch`` (deterministic)."""
+        lo = self.rank * self.per_rank
+        return [batch[lo:lo + self.per_rank] for batch in self.global_batches(epoch)]
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The ``len(self)`` global batches of ``epoch``, the same on every rank (deterministic)."""
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        share = self.order(epoch)
         chunks = {int(i): self._chunks(self.index_of[i], rng) for i in share}
         # First one chunk of every identity (in random order), so that the first batches cover the
         # share; then the other chunks, each identity's spread evenly over the rest of the epoch (sorted
@@ -138,7 +148,7 @@ class PKSampler(Sampler[list[int]]):
 
     def _complete(self, batch: tuple[list[int], list[np.ndarray]], share: np.ndarray,
                   rng: np.random.Generator) -> None:
-        """Fill an incomplete batch with random chunks of other identities of the share."""
+        """Fill an incomplete batch with random chunks of other identities."""
         ids, parts = batch
         others = np.array([i for i in share if int(i) not in ids])
         for i in rng.choice(others, size=self.p - len(ids), replace=False):

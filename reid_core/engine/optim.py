@@ -106,3 +106,56 @@ def drop_grads(params: Iterable[nn.Parameter]) -> None:
     for p in params:
         p.grad = None
 
+
+
+class BackboneFreeze:
+    """FastReID's layer freeze (``MODEL.FREEZE_LAYERS: [backbone]`` for ``SOLVER.FREEZE_ITERS``).
+
+    For optimizer steps ``0 .. iters - 1`` the frozen backbones are in eval mode (BatchNorm normalizes
+    with its running statistics and does not update them) and f_q's backbone parameters get no update:
+    their gradients are dropped before the optimizer step, so Adam/SGD skip them entirely (no weight
+    decay, no momentum, no optimizer state). From step ``iters`` on they are back in train mode.
+
+    The frozen modules are f_q's ``backbone`` and, for MoReID, f_k's: f_k is f_q's momentum copy, and with
+    it in train mode each key would be normalized with batch statistics while its query uses running
+    ones. Call :meth:`before_step` before the forward pass and :meth:`after_backward` before the
+    optimizer step, with the index of the step being taken.
+    """
+
+    def __init__(self, backbones: list[nn.Module], params: list[nn.Parameter], iters: int) -> None:
+        self.backbones = backbones
+        self.params = params
+        self.iters = int(iters)
+        self._frozen = False  # whether the backbones were put in eval mode by this object
+
+    @classmethod
+    def for_framework(cls, framework: nn.Module, model: nn.Module, iters: int) -> "BackboneFreeze":
+        """The freeze of ``model.backbone`` (f_q) and of ``framework.key_encoder.backbone`` where there is one."""
+        backbones = [getattr(model, "backbone", None)]
+        if iters > 0:
+            key_encoder = getattr(getattr(framework, "module", framework), "key_encoder", None)
+            backbones.append(getattr(key_encoder, "backbone", None))
+        params = backbone_parameters(model) if iters > 0 else []
+        return cls([b for b in backbones if isinstance(b, nn.Module)], params, iters)
+
+    def frozen(self, iteration: int) -> bool:
+        return iteration < self.iters
+
+    def before_step(self, iteration: int) -> None:
+        """Eval mode during the freeze (again each step: the trainer sets train mode per epoch), train
+        mode at the first step after it."""
+        if self.frozen(iteration):
+            for backbone in self.backbones:
+                if backbone.training:
+                    backbone.eval()
+            self._frozen = True
+        elif self._frozen:
+            for backbone in self.backbones:
+                backbone.train()
+            self._frozen = False
+
+    def after_backward(self, iteration: int) -> None:
+        """Drop the frozen parameters' gradients during the freeze (after DDP's all-reduce, so every rank
+        drops the same)."""
+        if self.frozen(iteration):
+            drop_grads(self.params)

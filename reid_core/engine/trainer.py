@@ -20,19 +20,29 @@ augmentation streams restart from the restored RNG, so the run is equally valid 
 Evaluation saves and restores the RNG, so when it happens does not change the training.
 
 Distributed: when ``torch.distributed`` is initialised, f_q (``framework.encoder``) is wrapped in
-DistributedDataParallel, the P x K sampler gives each rank a disjoint share, training metrics are
-averaged over ranks, and evaluation runs on rank 0 only (the test sets are small next to training, and
-splitting them would need a feature all-gather for no gain); the other ranks wait for rank 0's
-metrics in a broadcast, so every rank returns the same dict. Only rank 0 writes TensorBoard and
-checkpoints.
+DistributedDataParallel, each rank loads its slice of the global batch (data.batch_size / ranks), training metrics are
+averaged over ranks, and evaluation shares the work: each rank extracts the features of its contiguous
+shard of query and gallery, the shards are all-gathered in dataset order, and rank 0 computes the metrics
+and broadcasts them, so every rank returns the same dict (the one a single process computes). Only rank 0
+writes TensorBoard and checkpoints.
+
+The global batch: each rank's metric loss takes its own anchors against every rank's samples (gathered in
+rank order with their gradient, :mod:`reid_core.moreid.collective`), so a run's numbers do not depend on
+how many ranks share it; cross-entropy stays per rank, and DDP's gradient averaging makes it the global
+mean. Rank 0's BatchNorm statistics reach the other ranks in one broadcast per step, by the framework
+(DDP's own per-forward broadcast is off). A training step does not wait for the device: its statistics
+and the non-finite guard (:mod:`reid_core.engine.finite`) are read every ``train.log_every`` steps and at
+the end of an epoch. Checkpoints hold tensors and plain containers only (``weights_only=True`` reads them).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,16 +52,18 @@ from reid_core.config import Config, ConfigError
 from reid_core.data import (DatasetError, ReIDDataset, build_test_loader, build_train_loader, dataset_num_classes,
                             load_dataset)
 from reid_core.engine import checkpoint as ckpt
-from reid_core.engine.optim import (backbone_parameters, build_optimizer, build_scheduler, drop_grads,
-                                    trainable_parameters)
 from reid_core.ddp import unwrap
+from reid_core.engine.finite import FiniteGuard
+from reid_core.engine.optim import BackboneFreeze, build_optimizer, build_scheduler, trainable_parameters
 from reid_core.engine.tensorboard import ScalarLogger
-from reid_core.evaluation import evaluate_features, extract_features
-from reid_core.models import build_model
-from reid_core.moreid import build_framework
+from reid_core.evaluation import evaluate_features
+from reid_core.evaluation.features import extract_features_sharded, rank0_buffers
+from reid_core.models import build_model, compile_backbones
+from reid_core.moreid import STAT_NAMES, build_framework
 
-# Training metric name -> key of StepOutput.stats it is read from (missing keys count as 0).
+# Training metric name -> key of StepOutput.stats it is read from.
 STAT_METRICS = {"hard/pos": "hard_pos", "hard/neg": "hard_neg", "dict/fill": "dict_fill"}
+_STAT_INDEX = [STAT_NAMES.index(key) for key in STAT_METRICS.values()]
 TRAIN_METRICS = ("loss/total", "loss/ce", "loss/metric", *STAT_METRICS, "lr")
 CHECKPOINT_FORMAT = 1
 
@@ -69,73 +81,125 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+# DDP's own per-forward buffer broadcast, switched off (the keyword was renamed in recent PyTorch).
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """f_q in DistributedDataParallel, without DDP's per-forward buffer broadcast: the framework broadcasts
+    rank 0's BatchNorm statistics once per step (after the optimizer step, before the momentum update
+    reads them), so a second broadcast would only repeat it."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False, **_NO_FORWARD_BUFFER_SYNC)
+
+
 class TrainStep:
     """One optimizer step of a framework, with everything it needs: optimizer, per-iteration
-    schedule, AMP scaler, backbone freeze and gradient clipping. :class:`Trainer` drives one; the
-    step benchmark times one directly.
+    schedule, AMP (autocast and, for float16, a gradient scaler), backbone freeze, gradient clipping and
+    the non-finite guard. :class:`Trainer` drives one; the step benchmark times one directly.
 
     ``framework`` must already be on ``device`` (and in channels_last when ``channels_last``);
-    ``model`` is f_q unwrapped (its ``backbone`` is what ``optim.freeze_iters`` freezes).
+    ``model`` is f_q unwrapped (its ``backbone`` is what ``optim.freeze_iters`` freezes). ``amp_dtype``:
+    ``torch.float16`` (scaled gradients) or ``torch.bfloat16`` (no scaler); distances, losses, keys and
+    the momentum update stay float32 either way.
+
+    A step does not synchronize with the host: its statistics stay on the device
+    (``StepOutput.stats_tensor``) and a non-finite loss or key is recorded in :attr:`guard` (read it with
+    ``guard.check()``). Exceptions: float16's GradScaler reads its inf check each step, and the
+    ``framework.include_past_positives`` ablation reads its largest positive count.
     """
 
     def __init__(self, cfg: Config, framework: nn.Module, model: nn.Module, device: torch.device,
-                 iters_per_epoch: int, *, amp: bool = False, channels_last: bool = False) -> None:
+                 iters_per_epoch: int, *, amp: bool = False, channels_last: bool = False,
+                 amp_dtype: torch.dtype = torch.float16) -> None:
+        if amp_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be torch.float16 or torch.bfloat16; got {amp_dtype}")
         self.cfg = cfg
         self.framework = framework
         self.device = device
         self.amp = amp
+        self.amp_dtype = amp_dtype
         self.channels_last = channels_last
         self.params = trainable_parameters(framework)
         self.optimizer = build_optimizer(cfg, framework)
         self.scheduler = build_scheduler(cfg, self.optimizer, iters_per_epoch)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp)
-        self.frozen = backbone_parameters(model) if cfg.optim.freeze_iters > 0 else []
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+        self.freeze = BackboneFreeze.for_framework(framework, model, cfg.optim.freeze_iters)
+        self.guard = FiniteGuard(device)
+        self.instances = cfg.data.num_instance  # K: bounds the in-batch positives (P x K batches)
         self.iteration = 0  # optimizer steps taken
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
         """One optimizer step on a batch (images float[B,3,H,W], labels long[B]); returns the
-        framework's StepOutput. Order: forward (autocast), scaled backward, freeze, clip, step,
-        momentum update of f_k, schedule."""
+        framework's StepOutput. Order: forward (autocast), non-finite guard, scaled backward, freeze,
+        clip, step, enqueue of the keys (unless non-finite) and momentum update of f_k, schedule."""
+        self._check_instances(labels)
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            out = self.framework(images, labels)
+        self.freeze.before_step(self.iteration)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            out = self.framework(images, labels, instances=self.instances)
+        keep = self.guard.update(out.finite, self.iteration)
         self.scaler.scale(out.loss).backward()
         freeze = self.iteration < self.cfg.optim.freeze_iters
         clip = self.cfg.optim.grad_clip
         if freeze or clip > 0:
             self.scaler.unscale_(self.optimizer)
         if freeze:
-            drop_grads(self.frozen)
+            self.freeze.after_backward(self.iteration)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        unwrap(self.framework).after_optimizer_step()
+        unwrap(self.framework).after_optimizer_step(keep)
         self.scheduler.step()
         self.iteration += 1
         return out
+
+    def _check_instances(self, labels: torch.Tensor) -> None:
+        """The metric loss's top-k relies on at most K images of an identity per batch (the P x K
+        sampler's, each worker holding whole identities); checked on host-side labels, which cost no
+        device synchronization."""
+        if labels.device.type != "cpu" or not len(labels):
+            return
+        ids, counts = np.unique(labels.numpy(), return_counts=True)
+        if counts.max() > self.instances:
+            raise DatasetError(f"a training batch holds {counts.max()} images of identity {ids[counts.argmax()]}, "
+                               f"more than data.num_instance = {self.instances} (K of the P x K batches), which "
+                               "bounds the metric loss's positives")
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        """Restore the GradScaler's state where both sides scale (float16 AMP); a checkpoint saved without
+        it (AMP off, or bfloat16) leaves a float16 run's scaler at its initial scale, and a bfloat16 or
+        AMP-off run ignores a saved one."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 
 class Trainer:
     """Trains and evaluates one model described by ``cfg`` (see the module docstring).
 
     ``log_dir``: TensorBoard folder (default ``{train.output_dir}/tensorboard``). ``device``
-    overrides ``train.device`` (e.g. the device Ray Train assigned to this worker).
+    overrides ``train.device`` (e.g. the device Ray Train assigned to this worker). ``amp`` overrides
+    the rule "``train.amp`` on CUDA only" (tests run AMP on the CPU with it).
     """
 
     def __init__(self, cfg: Config, *, log_dir: str | os.PathLike | None = None,
-                 device: torch.device | str | None = None, dataset: ReIDDataset | None = None) -> None:
+                 device: torch.device | str | None = None, dataset: ReIDDataset | None = None,
+                 amp: bool | None = None) -> None:
         self.cfg = cfg.validate()
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
         on_cuda = self.device.type == "cuda"
-        self.amp = cfg.train.amp and on_cuda
+        self.amp = cfg.train.amp and on_cuda if amp is None else amp
+        self.amp_dtype = getattr(torch, cfg.train.amp_dtype)
         self.channels_last = cfg.train.channels_last and on_cuda
         if on_cuda:
             torch.cuda.set_device(self.device)
@@ -151,19 +215,26 @@ class Trainer:
         if self.iters_per_epoch < 1:
             raise ConfigError(f"the training split of {cfg.data.dataset} gives no batch of "
                               f"data.batch_size={cfg.data.batch_size}")
-        self.query_loader = build_test_loader(self.dataset.query, cfg.data, cfg.eval.batch_size)
-        self.gallery_loader = build_test_loader(self.dataset.gallery, cfg.data, cfg.eval.batch_size)
+        # Each rank reads its own shard of the test sets; evaluate() gathers the features.
+        shard = dict(rank=self.rank, world_size=self.world_size)
+        self.query_loader = build_test_loader(self.dataset.query, cfg.data, cfg.eval.batch_size, **shard)
+        self.gallery_loader = build_test_loader(self.dataset.gallery, cfg.data, cfg.eval.batch_size, **shard)
+        self.test_skipped = 0  # unreadable query/gallery images of every rank's shard, over all evaluations
 
         self.model = build_model(cfg.model, self.num_classes)
         self.framework = build_framework(cfg, self.model).to(self.device)
         if self.channels_last:
             self.framework.to(memory_format=torch.channels_last)
+        self.pretrained_report = self.model.pretrained_report  # counts loaded from model.pretrained; None: random
+        if on_cuda:
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        if cfg.train.compile:
+            compile_backbones(self.model, getattr(self.framework, "key_encoder", None))
         self.step = TrainStep(cfg, self.framework, self.model, self.device, self.iters_per_epoch,
-                              amp=self.amp, channels_last=self.channels_last)
+                              amp=self.amp, channels_last=self.channels_last, amp_dtype=self.amp_dtype)
         self.optimizer, self.scheduler, self.scaler = self.step.optimizer, self.step.scheduler, self.step.scaler
         if self.distributed:
-            self.framework.encoder = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if on_cuda else None, find_unused_parameters=False)
+            self.framework.encoder = wrap_ddp(self.model, self.device)
 
         self.epoch = 0  # epochs completed
         self.sampler_pass = 0  # passes over the sampler started (its epoch number)
@@ -199,42 +270,56 @@ class Trainer:
                                    f"{self.train_loader.first_bad}); check the JPEG files under {self.dataset.root}")
 
     def skipped_images(self) -> int:
-        """Unreadable images skipped so far on this rank (training, query and gallery loaders)."""
-        return sum(loader.skipped for loader in (self.train_loader, self.query_loader, self.gallery_loader))
+        """Unreadable images met so far: training images (replaced) summed over ranks, and the query and
+        gallery images of all ranks (left out; the same count as one process evaluating the whole test sets).
+        Under DDP every rank must call it (one all-reduce)."""
+        count = self.train_loader.skipped
+        if self.distributed:
+            total = torch.tensor([count], dtype=torch.int64, device=self.device)
+            dist.all_reduce(total)
+            count = int(total.item())
+        return count + self.test_skipped
 
     def train_epoch(self) -> dict[str, float]:
         """Train ``iters_per_epoch`` steps; returns epoch means of :data:`TRAIN_METRICS` (averaged
-        over ranks) plus ``epoch`` (epochs completed) and ``images_per_s`` (all ranks together)."""
+        over ranks) plus ``epoch`` (epochs completed) and ``images_per_s`` (all ranks together).
+
+        The step statistics stay on the device and are read in one batch every ``train.log_every``
+        iterations (with the non-finite guard, which raises :class:`NonFiniteError` there) and at the
+        end of the epoch: no other host synchronization."""
         self.framework.train()
         log_every = self.cfg.train.log_every
-        loss_sums = torch.zeros(3, device=self.device, dtype=torch.float64)
-        sums = {name: 0.0 for name in (*STAT_METRICS, "lr")}
+        sums = torch.zeros(3 + len(STAT_METRICS), device=self.device, dtype=torch.float64)
+        lr_sum = 0.0
         images_seen = 0
         start = time.perf_counter()
         for _, (images, labels, *_rest) in zip(range(self.iters_per_epoch), self._batches()):
             lr = self.optimizer.param_groups[0]["lr"]
             out = self.train_step(images, labels)
-            losses = torch.stack([out.loss.detach(), out.terms["ce"].detach(), out.terms["metric"].detach()])
-            loss_sums += losses.double()
-            stats = {name: float(out.stats.get(key, 0.0)) for name, key in STAT_METRICS.items()}
-            for name, value in stats.items():
-                sums[name] += value
-            sums["lr"] += lr
+            with torch.no_grad():
+                values = torch.cat([torch.stack([out.loss, out.terms["ce"], out.terms["metric"]]).float(),
+                                    out.stats_tensor[_STAT_INDEX]]).double()
+                sums += values
+            lr_sum += lr
             images_seen += images.shape[0]
-            if self.logger.enabled and self.iteration % log_every == 0:
-                total, ce, metric = losses.tolist()
-                self.logger.scalars("train", {"loss/total": total, "loss/ce": ce, "loss/metric": metric,
-                                              **stats, "lr": lr}, self.iteration)
+            if self.iteration % log_every == 0:
+                read = torch.cat([values, self.step.guard.record.double()]).tolist()  # the one sync
+                self.step.guard.check(read[-2:])
+                if self.logger.enabled:
+                    self.logger.scalars("train", {**dict(zip(("loss/total", "loss/ce", "loss/metric", *STAT_METRICS),
+                                                             read[:-2])), "lr": lr}, self.iteration)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         n = self.iters_per_epoch
-        values = torch.tensor([*(loss_sums / n).tolist(), *(v / n for v in sums.values()), images_seen / seconds],
+        read = torch.cat([sums, self.step.guard.record.double()]).tolist()
+        self.step.guard.check(read[-2:])
+        values = torch.tensor([*(v / n for v in read[:-2]), lr_sum / n, images_seen / seconds],
                               dtype=torch.float64, device=self.device)
         if self.distributed:
             dist.all_reduce(values)
             values[:-1] /= self.world_size  # means average; images/s adds up
-        names = ("loss/total", "loss/ce", "loss/metric", *sums)
+        names = ("loss/total", "loss/ce", "loss/metric", *STAT_METRICS, "lr")
         self.epoch += 1
         metrics = dict(zip(names, values[:-1].tolist()))
         metrics.update(epoch=self.epoch, images_per_s=values[-1].item())
@@ -246,35 +331,66 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """mAP, R1, R5, R10, mINP and ``cmc`` (list over ranks 1..max_rank), all in percent, of the
         test encoder (``framework.test_encoder()``) on query vs gallery; with ``eval.rerank`` also the
-        same keys with ``_rerank`` appended (k-reciprocal re-ranking). Computed on rank 0 and
-        broadcast, so every rank returns the same dict."""
+        same keys with ``_rerank`` appended (k-reciprocal re-ranking). Every rank must call it: each
+        extracts the features of its shard (:meth:`test_features`), rank 0 computes the metrics of the
+        gathered features and broadcasts them, so every rank returns the same dict; an error in the
+        metrics is raised on every rank."""
+        # Test loaders draw a seed from the global RNG; restoring it keeps training independent of
+        # when (and whether) evaluations happen.
+        rng = ckpt.rng_state()
         metrics: dict[str, Any] | None = None
-        if self.rank == 0:
-            # Test loaders draw a seed from the global RNG; restoring it keeps training independent of
-            # when (and whether) evaluations happen.
-            rng = ckpt.rng_state()
-            try:
-                metrics = self._evaluate_local()
-            finally:
-                ckpt.set_rng_state(rng)
-            self.logger.scalars("eval", metrics, self.epoch)
-            self.logger.flush()
+        error: Exception | None = None
+        try:
+            features = self.test_features()
+            if self.rank == 0:
+                try:
+                    metrics = self._metrics(*features)
+                except Exception as exc:
+                    if not self.distributed:
+                        raise
+                    error = exc
+        finally:
+            ckpt.set_rng_state(rng)
         if self.distributed:
-            box = [metrics]
+            box: list[Any] = [metrics if error is None else f"{type(error).__name__}: {error}"]
             dist.broadcast_object_list(box, src=0)
+            if error is not None:
+                raise error
+            if isinstance(box[0], str):
+                raise RuntimeError(f"evaluation failed on rank 0: {box[0]}")
             metrics = box[0]
         assert metrics is not None
+        if self.rank == 0:
+            self.logger.scalars("eval", metrics, self.epoch)
+            self.logger.flush()
         return metrics
 
-    def _evaluate_local(self) -> dict[str, Any]:
+    @torch.no_grad()
+    def test_features(self) -> tuple[torch.Tensor, ...]:
+        """``(qf float32[Nq, D], gf float32[Ng, D], q_pids, g_pids, q_camids, g_camids)`` of the test encoder,
+        on the CPU, in dataset order, unreadable images left out, on every rank: each rank extracts its
+        shard (with rank 0's BatchNorm statistics) and the shards are all-gathered. Every rank must call it.
+        Adds the unreadable images skipped on all ranks to ``test_skipped``. Uses the global RNG (see
+        :meth:`evaluate`)."""
         encoder = unwrap(unwrap(self.framework).test_encoder())
-        e = self.cfg.eval
+        flip = self.cfg.eval.flip
+        skipped = self.query_loader.skipped + self.gallery_loader.skipped
         # extract_features switches to eval mode and back; autocast as in training (features come back fp32)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            qf, qp, qc = extract_features(encoder, self.query_loader, self.device, flip=e.flip, progress=False)
-            gf, gp, gc = extract_features(encoder, self.gallery_loader, self.device, flip=e.flip, progress=False)
-        # Ranking runs on the training device (chunked, memory-bounded).
-        qf, gf = qf.to(self.device), gf.to(self.device)
+        with rank0_buffers(encoder), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            qf, qp, qc = extract_features_sharded(encoder, self.query_loader, self.device, flip=flip, progress=False)
+            gf, gp, gc = extract_features_sharded(encoder, self.gallery_loader, self.device, flip=flip,
+                                                  progress=False)
+        new = torch.tensor([self.query_loader.skipped + self.gallery_loader.skipped - skipped], device=self.device)
+        if self.distributed:
+            dist.all_reduce(new)
+        self.test_skipped += int(new.item())
+        return qf, gf, qp, gp, qc, gc
+
+    def _metrics(self, qf: torch.Tensor, gf: torch.Tensor, qp: torch.Tensor, gp: torch.Tensor, qc: torch.Tensor,
+                 gc: torch.Tensor) -> dict[str, Any]:
+        """The reported metrics of the gathered features (query expansion and re-ranking as configured)."""
+        e = self.cfg.eval
+        qf, gf = qf.to(self.device), gf.to(self.device)  # ranking runs on the training device (chunked)
         options = dict(metric=e.metric, max_rank=e.max_rank, chunk_size=e.chunk_size,
                        memory_budget_mb=e.memory_budget_mb, query_expansion=e.query_expansion, qe_k=e.qe_k,
                        qe_alpha=e.qe_alpha)
@@ -289,7 +405,8 @@ class Trainer:
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write a checkpoint to ``path`` (a file, or a folder that gets ``checkpoint.pt``)
         atomically. Call it on every rank: RNG states are gathered from all ranks; rank 0 writes.
-        Returns the file path."""
+        Returns the file path. A run whose loss or keys went non-finite raises NonFiniteError instead."""
+        self.step.guard.check()
         rng = ckpt.rng_state()
         if self.distributed:
             states: list[Any] = [None] * self.world_size
@@ -336,7 +453,7 @@ class Trainer:
                                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.step.load_scaler_state(state.get("scaler"))
         self.epoch = int(state["epoch"])
         self.step.iteration = int(state["iteration"])
         self.sampler_pass = int(state["sampler_pass"])

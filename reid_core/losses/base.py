@@ -30,14 +30,26 @@ class MetricLoss(nn.Module):
         self._raw: Tensor | None = None  # [3]: hard_pos, hard_neg, valid (device tensor)
         self._stats: dict[str, float] | None = None
 
-    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # Whether the framework should count each anchor itself as one of its positives (at distance 0).
+    anchor_is_positive = False
+
+    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor,
+                max_pos: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return ``(loss [B], n_pos [B], n_neg [B], valid bool[B])``; ``loss`` is 0 where not valid."""
         raise NotImplementedError
 
-    def forward(self, dist: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        """Per-anchor loss ``[B]`` for ``dist [B, M]`` with masks ``pos``, ``neg`` (bool ``[B, M]``)."""
+    def forward(self, dist: Tensor, pos: Tensor, neg: Tensor, max_pos: int | None = None) -> Tensor:
+        """Per-anchor loss ``[B]`` for ``dist [B, M]`` with masks ``pos``, ``neg`` (bool ``[B, M]``).
+
+        ``max_pos``: an upper bound on any row's number of positives, known to the caller (K, the
+        images per identity of a P x K batch), for the losses that take a top-k over the positives
+        (HE, weighted triplet). Without it they read the largest count from the device, one host
+        synchronization. A row with more positives than ``max_pos`` uses its ``max_pos`` farthest.
+        """
         check_inputs(dist, pos, neg)
-        loss, n_pos, n_neg, valid = self.compute(dist, pos, neg)
+        if max_pos is not None and (isinstance(max_pos, bool) or not isinstance(max_pos, int) or max_pos < 0):
+            raise ValueError(f"max_pos must be an integer >= 0; got {max_pos!r}")
+        loss, n_pos, n_neg, valid = self.compute(dist, pos, neg, max_pos)
         with torch.no_grad():
             n_valid = valid.sum()
             denom = n_valid.clamp_min(1).to(dist.dtype)
@@ -104,6 +116,15 @@ def as_float(mask: Tensor, dtype: torch.dtype = torch.float32, out: Tensor | Non
 def has_any(mask: Tensor) -> Tensor:
     """``bool [B]``: rows of ``mask [B, M]`` with at least one True (a uint8 reduction, fast on CPU)."""
     return mask.view(torch.uint8).any(1).to(torch.bool)
+
+
+def top_k_size(n_pos: Tensor, max_pos: int | None, width: int) -> int:
+    """Top-k size over the positives of ``[B, width]`` rows: ``max_pos`` when given (no host
+    synchronization), else the largest count in ``n_pos [B]`` (one), never above ``width``."""
+    if n_pos.shape[0] == 0:
+        return 0
+    k = int(n_pos.max()) if max_pos is None else max_pos
+    return min(k, width)
 
 
 def check_nonneg(name: str, value: float) -> float:

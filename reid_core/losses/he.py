@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MetricLoss, check_nonneg, check_positive
+from .base import MetricLoss, check_nonneg, check_positive, top_k_size
 
 NORMS = ("none", "elastic", "positives")
 
@@ -16,7 +16,7 @@ class HardDistanceElasticLoss(MetricLoss):
     L_q = Σ_{i ≤ min(|P|, |N|)} max(0, d⁺_(i) − d⁻_(i)), the i-th farthest positive against the i-th closest
     negative, summed while they violate. The violating pairs are the anchor's *elastic count* c: at the
     minimiser t* (the hard distance) c positives lie beyond t* and c negatives before it. Only the k
-    farthest positives and k closest negatives can pair (k = the largest positive count in the batch), so
+    farthest positives and k closest negatives can pair (k = the largest positive count, or a bound), so
     two top-k of size k over M are taken, never a sort over M. The subgradient is +1 on every hard
     positive and −1 on every hard negative; with one positive this is the hinge triplet loss, margin 0.
 
@@ -35,11 +35,11 @@ class HardDistanceElasticLoss(MetricLoss):
             raise ValueError(f"he norm must be one of {', '.join(NORMS)}; got {norm!r}")
         self.norm = norm
 
-    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor):
+    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor, max_pos: int | None = None):
         inf = float("inf")
         n_pos = pos.sum(1)
-        # The one host sync of the loss: top-k needs its size. Positives are few (P x K batches: <= K).
-        k = min(int(n_pos.max()), dist.shape[1]) if dist.shape[0] else 0
+        # Top-k needs its size: the caller's bound (P x K batches: <= K), else read from the device.
+        k = top_k_size(n_pos, max_pos, dist.shape[1])
         if k == 0:
             zero = dist.sum(1) * 0  # keeps the graph, gradient 0
             none = torch.zeros_like(zero)

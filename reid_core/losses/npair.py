@@ -17,7 +17,7 @@ class NPairLoss(MetricLoss):
         super().__init__()
         self.k = check_count("npair k", k, 1)
 
-    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor):
+    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor, max_pos: int | None = None):
         k = min(self.k, dist.shape[1])
         with torch.no_grad():
             d_pos, i_pos = torch.where(pos, dist, -float("inf")).max(dim=1)

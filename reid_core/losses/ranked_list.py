@@ -29,7 +29,7 @@ class RankedListLoss(MetricLoss):
         if self.imbalance > 1:
             raise ValueError(f"ranked_list imbalance must be in [0, 1]; got {imbalance!r}")
 
-    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor):
+    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor, max_pos: int | None = None):
         lam, pos_edge = self.imbalance, self.alpha - self.beta
         with torch.no_grad():
             valid = has_any(pos) & has_any(neg)

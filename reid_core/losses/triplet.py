@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .base import MetricLoss, check_nonneg, masked_min
+from .base import MetricLoss, check_nonneg, masked_min, top_k_size
 
 MININGS = ("hard", "weighted")
 
@@ -57,9 +57,16 @@ class TripletLoss(MetricLoss):
             raise ValueError(f"triplet mining must be one of {', '.join(MININGS)}; got {mining!r}")
         self.mining = mining
 
-    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor):
+    @property
+    def anchor_is_positive(self) -> bool:  # type: ignore[override]
+        """FastReID's masks count the anchor itself as a positive (distance 0); its weighted mining gives
+        it weight, so the weighted mining here does the same. Hard mining takes the farthest positive,
+        which the anchor never is once K >= 2, so it keeps the anchor out."""
+        return self.mining == "weighted"
+
+    def compute(self, dist: Tensor, pos: Tensor, neg: Tensor, max_pos: int | None = None):
         if self.mining == "weighted":
-            return self._weighted(dist, pos, neg)
+            return self._weighted(dist, pos, neg, max_pos)
         with torch.no_grad():
             d_pos, i_pos = torch.where(pos, dist, -float("inf")).max(dim=1)
             d_neg, i_neg = torch.where(neg, dist, float("inf")).min(dim=1)
@@ -70,12 +77,12 @@ class TripletLoss(MetricLoss):
         ones = valid.to(dist.dtype)
         return loss, ones, ones, valid
 
-    def _weighted(self, dist: Tensor, pos: Tensor, neg: Tensor):
+    def _weighted(self, dist: Tensor, pos: Tensor, neg: Tensor, max_pos: int | None):
         """Positives are few (<= K per anchor): their weighted mean is taken over the top-k of size max|P|
-        with plain autograd. Negatives fill the row: their weighted mean is one custom function with a
-        single saved [B, M] buffer (see :class:`_NearWeightedMean`)."""
+        (or the bound ``max_pos``) with plain autograd. Negatives fill the row: their weighted mean is one
+        custom function with a single saved [B, M] buffer (see :class:`_NearWeightedMean`)."""
         n_pos, n_neg = pos.sum(1), neg.sum(1)
-        k = min(int(n_pos.max()), dist.shape[1]) if dist.shape[0] else 0
+        k = top_k_size(n_pos, max_pos, dist.shape[1])
         valid = (n_pos > 0) & (n_neg > 0)
         if k == 0:
             zero = dist.sum(1) * 0

@@ -1,41 +1,35 @@
-"""ResNet backbones for re-ID (docs/design.md, "The model"): torchvision ResNet-18/34/50/101 with options.
+"""ResNet backbones for re-ID (docs/design.md, "The model"; after FastReID): torchvision ResNet-18/34/50/101.
 
 - ``last_stride=1`` removes the down-sampling of layer4: the feature map has stride 16 instead of 32.
 - ``ibn=True``: IBN-a, the first norm (``bn1``) of every block of layers 1-3 becomes :class:`IBN`.
-- ``non_local=True``: embedded-Gaussian :class:`NonLocal` blocks after the last 2 blocks of layer2 and
-  the last 3 blocks of layer3 (FastReID's placement; fewer where a layer has fewer blocks).
+- ``non_local=True``: non-local blocks after the last blocks of layer2 and layer3, as many as FastReID
+  puts there (:data:`NON_LOCAL_BLOCKS`: ResNet-50 [0, 2, 3, 0], ResNet-101 [0, 2, 9, 0] per stage),
+  in FastReID's dot-product form (``non_local_form="dot_product"``) or the embedded-Gaussian form.
 
-The parameter names are torchvision's (``conv1``, ``layer1.0.bn1``, ...), so a torchvision ImageNet state
-dict loads with :func:`load_pretrained`; nothing is ever downloaded.
+The parameter names are torchvision's (``conv1``, ``layer1.0.bn1``, ...), so torchvision and IBN-Net
+ImageNet files load with :func:`reid_core.models.pretrained.load_pretrained`.
 """
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import NamedTuple
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from reid_core.config import ARCHS
-from reid_core.models.layers import IBN, NonLocal
+from reid_core.models.layers import IBN, NON_LOCAL_FORMS
+from reid_core.models.pretrained import PretrainedReport, load_pretrained
 
-log = logging.getLogger(__name__)
-
-NON_LOCAL_BLOCKS = {"layer2": 2, "layer3": 3}  # non-local blocks after the last blocks of these layers
-
-
-class LoadReport(NamedTuple):
-    """What :func:`load_pretrained` did: keys loaded, and those it could not use."""
-
-    loaded: list[str]
-    missing: list[str]  # backbone parameters/buffers absent from the file (left at their init)
-    unexpected: list[str]  # keys of the file the backbone does not have (e.g. ``fc.weight``)
-    mismatched: list[str]  # keys present in both with different shapes (skipped)
+# Non-local blocks after the last blocks of these layers. ResNet-50/101: FastReID's counts per stage
+# ([0, 2, 3, 0] and [0, 2, 9, 0]). FastReID defines none for ResNet-18/34; our CPU-sized variants keep
+# 2 and 3 (at most one per block).
+NON_LOCAL_BLOCKS = {
+    "resnet18": {"layer2": 2, "layer3": 3},
+    "resnet34": {"layer2": 2, "layer3": 3},
+    "resnet50": {"layer2": 2, "layer3": 3},
+    "resnet101": {"layer2": 2, "layer3": 9},
+}
 
 
 class ResNetBackbone(nn.Module):
@@ -46,12 +40,15 @@ class ResNetBackbone(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet50", last_stride: int = 1, ibn: bool = False,
-                 non_local: bool = False) -> None:
+                 non_local: bool = False, non_local_form: str = "dot_product") -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}; got {arch!r}")
         if last_stride not in (1, 2):
             raise ValueError(f"model.last_stride must be 1 or 2; got {last_stride!r}")
+        if non_local_form not in NON_LOCAL_FORMS:
+            raise ValueError(f"model.non_local_form must be one of {', '.join(NON_LOCAL_FORMS)}; "
+                             f"got {non_local_form!r}")
         net = getattr(torchvision.models, arch)(weights=None)
         self.arch = arch
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
@@ -66,13 +63,16 @@ class ResNetBackbone(nn.Module):
                 for blk in layer:
                     blk.bn1 = IBN(blk.bn1.num_features)
         # Indices of the blocks followed by a non-local block, per layer; empty when off.
+        self.non_local_form = non_local_form
         self.non_local_after: dict[str, list[int]] = {}
-        for name, count in NON_LOCAL_BLOCKS.items():
+        block_type = NON_LOCAL_FORMS[non_local_form]
+        for name, count in NON_LOCAL_BLOCKS[arch].items():
             layer = getattr(self, name)
             count = min(count, len(layer)) if non_local else 0
             self.non_local_after[name] = list(range(len(layer) - count, len(layer)))
             channels = _block_out_channels(layer[-1])
-            setattr(self, f"{name}_nl", nn.ModuleList(NonLocal(channels) for _ in range(count)))
+            setattr(self, f"{name}_nl", nn.ModuleList(block_type(channels) for _ in range(count)))
+        self.pretrained_report: PretrainedReport | None = None  # set when weights are loaded from a file
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -109,54 +109,11 @@ def _block_out_channels(block: nn.Module) -> int:
 
 
 def build_backbone(arch: str, last_stride: int = 1, ibn: bool = False, non_local: bool = False,
-                   pretrained: str | os.PathLike = "") -> ResNetBackbone:
-    """A :class:`ResNetBackbone`; with ``pretrained`` (a local file path) its weights are loaded from it."""
-    backbone = ResNetBackbone(arch, last_stride=last_stride, ibn=ibn, non_local=non_local)
+                   pretrained: str | os.PathLike = "", non_local_form: str = "dot_product") -> ResNetBackbone:
+    """A :class:`ResNetBackbone`; with ``pretrained`` (a local file path) its weights are loaded from it
+    (strictly: see :func:`load_pretrained`) and what was loaded is kept in ``backbone.pretrained_report``."""
+    backbone = ResNetBackbone(arch, last_stride=last_stride, ibn=ibn, non_local=non_local,
+                              non_local_form=non_local_form)
     if pretrained:
-        load_pretrained(backbone, pretrained)
+        backbone.pretrained_report = load_pretrained(backbone, pretrained)
     return backbone
-
-
-def load_pretrained(backbone: nn.Module, path: str | os.PathLike) -> LoadReport:
-    """Load a torchvision-format state dict file (e.g. ImageNet ``resnet50`` weights) into ``backbone``.
-
-    Loading is non-strict: keys the backbone lacks (``fc.*``), parameters the file lacks (IBN, non-local)
-    and tensors of another shape are skipped and logged. The file may also hold ``{"state_dict": ...}``
-    or ``{"model": ...}``; a ``module.`` prefix (DataParallel) is stripped.
-
-    Raises FileNotFoundError if ``path`` is not a file, ValueError if it is not a state dict or if none of
-    its keys fits the backbone.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained: weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a file it cannot read
-        raise ValueError(f"model.pretrained: {path} is not a readable PyTorch state dict file ({exc})") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not (isinstance(state, Mapping) and state
-            and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())):
-        raise ValueError(f"model.pretrained: {path} does not hold a state dict "
-                         f"(a non-empty mapping of parameter names to tensors)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-
-    own = backbone.state_dict()
-    mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
-    usable = {k: v for k, v in state.items() if k in own and k not in mismatched}
-    if not usable:
-        raise ValueError(f"model.pretrained: no tensor of {path} matches the backbone "
-                         f"(file keys start with {sorted(state)[:3]}, backbone keys with {sorted(own)[:3]})")
-    result = backbone.load_state_dict(usable, strict=False)
-    report = LoadReport(loaded=sorted(usable), missing=sorted(result.missing_keys),
-                        unexpected=sorted(k for k in state if k not in own), mismatched=mismatched)
-    log.info("loaded %d tensors from %s", len(report.loaded), path)
-    for kind in ("missing", "unexpected", "mismatched"):
-        keys = getattr(report, kind)
-        if keys:
-            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-            level = logging.INFO if kind == "unexpected" else logging.WARNING  # fc.* is always unexpected
-            log.log(level, "pretrained weights %s: %s keys: %s", path.name, kind, shown)
-    return report

@@ -5,12 +5,15 @@ classifier (Luo et al., "Bag of Tricks", 2019); test features are either, per ``
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 from torch import Tensor, nn
 
 from reid_core.config import ModelConfig
+from reid_core.data.normalize import PixelNormalize
 from reid_core.models.backbone import ResNetBackbone, build_backbone
+from reid_core.models.pretrained import PretrainedReport, resolve_pretrained
 from reid_core.models.classifier import build_classifier
 from reid_core.models.layers import AvgPool, GeM
 
@@ -56,10 +59,17 @@ class ReIDModel(nn.Module):
         nn.init.zeros_(self.bnneck.bias)
         self.bnneck.bias.requires_grad_(False)
         self.classifier = build_classifier(classifier, self.feat_dim, num_classes, cls_scale, cls_margin)
+        self.input_norm = PixelNormalize()  # the loaders' uint8 images -> normalised float32, on the device
+
+    @property
+    def pretrained_report(self) -> PretrainedReport | None:
+        """What was loaded from ``model.pretrained`` (None for random initialization)."""
+        return getattr(self.backbone, "pretrained_report", None)
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` float[B, 3, H, W] -> (feat [B, D], bn_feat [B, D])."""
-        feat = self.pool(self.backbone(x))
+        """``x`` uint8[B, 3 or 4, H, W] (see PixelNormalize) or normalised float[B, 3, H, W] -> (feat [B, D],
+        bn_feat [B, D])."""
+        feat = self.pool(self.backbone(self.input_norm(x)))
         return feat, self.bnneck(feat)
 
     def forward(self, x: Tensor) -> ReIDOutput:
@@ -76,8 +86,34 @@ class ReIDModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> ReIDModel:
-    """The :class:`ReIDModel` described by ``cfg`` with a classifier over ``num_classes`` identities."""
+    """The :class:`ReIDModel` described by ``cfg`` with a classifier over ``num_classes`` identities.
+
+    ``model.pretrained: imagenet`` is resolved here too (a cached file is checked, not fetched again);
+    a study's driver resolves it before the trials start (:func:`check_pretrained`).
+    """
+    weights = resolve_pretrained(cfg.pretrained, cfg.arch, ibn=cfg.ibn, cache_dir=cfg.pretrained_cache or None)
     backbone = build_backbone(cfg.arch, last_stride=cfg.last_stride, ibn=cfg.ibn, non_local=cfg.non_local,
-                              pretrained=cfg.pretrained)
+                              pretrained=weights or "", non_local_form=cfg.non_local_form)
     return ReIDModel(backbone, num_classes, pooling=cfg.pooling, gem_p=cfg.gem_p, test_feature=cfg.test_feature,
                      classifier=cfg.classifier, cls_scale=cfg.cls_scale, cls_margin=cfg.cls_margin)
+
+
+def check_pretrained(cfg: ModelConfig) -> tuple[Path | None, PretrainedReport | None]:
+    """Resolve ``cfg.pretrained`` (fetching ``imagenet`` once) and load it into a CPU backbone of ``cfg``'s
+    architecture: ``(local file, report)``, or ``(None, None)`` for random initialization. Raises the
+    loader's errors, so a driver calling it finds a bad file before any trial starts."""
+    weights = resolve_pretrained(cfg.pretrained, cfg.arch, ibn=cfg.ibn, cache_dir=cfg.pretrained_cache or None)
+    if weights is None:
+        return None, None
+    backbone = build_backbone(cfg.arch, last_stride=cfg.last_stride, ibn=cfg.ibn, non_local=cfg.non_local,
+                              pretrained=weights, non_local_form=cfg.non_local_form)
+    return weights, backbone.pretrained_report
+
+
+def compile_backbones(*models: nn.Module | None, backend: str = "inductor") -> None:
+    """``torch.compile`` the forward of each model's ``backbone`` in place (``nn.Module.compile``: parameter
+    names, state dicts and checkpoints stay as they are). Compile f_k after it was copied from f_q: a
+    copy of a compiled module would call the original's forward. None entries are skipped."""
+    for model in models:
+        if model is not None:
+            model.backbone.compile(backend=backend)

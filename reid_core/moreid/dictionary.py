@@ -2,21 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-
-def _gather_from_all_ranks(tensor: Tensor) -> Tensor:
-    """``tensor`` of every rank concatenated in rank order (itself when no process group is running).
-
-    Every rank must pass the same shape (P x K batches have a fixed size).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    tensor = tensor.contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
+from .collective import gather
 
 
 class KeyDictionary(nn.Module):
@@ -51,27 +39,36 @@ class KeyDictionary(nn.Module):
         return self.valid_mask().sum() / self.size
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, labels: Tensor) -> None:
+    def enqueue(self, keys: Tensor, labels: Tensor, *, gathered: bool = False, keep: Tensor | None = None) -> None:
         """Append ``keys [n, D]`` with ``labels long[n]`` (>= 0), overwriting the oldest slots.
 
         Under an initialised ``torch.distributed`` process group the keys and labels of every rank are
-        all-gathered first (in rank order), so every worker holds the same dictionary. When more keys
-        arrive than the dictionary holds, the newest ``S`` are kept.
+        all-gathered first (in rank order), so every worker holds the same dictionary; ``gathered=True``
+        says the caller passes the gathered keys already. When more keys arrive than the dictionary
+        holds, the newest ``S`` are kept. ``keep`` (bool scalar on the device): when False nothing
+        changes; it is applied on the device, without host synchronization.
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must be [n, {self.dim}]; got shape {tuple(keys.shape)}")
         if labels.shape != keys.shape[:1]:
             raise ValueError(f"labels must be [{keys.shape[0]}] to match the keys; got shape {tuple(labels.shape)}")
-        keys = _gather_from_all_ranks(keys.detach().to(self.keys.dtype))
-        labels = _gather_from_all_ranks(labels.to(self.labels.dtype))
+        keys, labels = keys.detach().to(self.keys.dtype), labels.to(self.labels.dtype)
+        if not gathered:
+            keys, labels = gather(keys), gather(labels)
         if keys.shape[0] > self.size:
             keys, labels = keys[-self.size:], labels[-self.size:]
         n = keys.shape[0]
         # Slot indices computed on the device: no host synchronization on the pointer.
         slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+        step = torch.full_like(self.ptr, n)
+        if keep is not None:
+            keep = keep.to(device=self.keys.device, dtype=torch.bool)
+            keys = torch.where(keep, keys, self.keys.index_select(0, slots))
+            labels = torch.where(keep, labels, self.labels.index_select(0, slots))
+            step = step * keep
         self.keys.index_copy_(0, slots, keys)
         self.labels.index_copy_(0, slots, labels)
-        self.ptr.copy_((self.ptr + n) % self.size)
+        self.ptr.copy_((self.ptr + step) % self.size)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"

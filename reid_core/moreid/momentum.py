@@ -4,8 +4,7 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from reid_core.ddp import unwrap
@@ -26,29 +25,15 @@ def make_key_encoder(query_encoder: nn.Module) -> nn.Module:
     return key_encoder
 
 
-def _from_rank0(tensors: list[Tensor]) -> list[Tensor]:
-    """Copies of ``tensors`` as rank 0 holds them (one broadcast per dtype); the tensors themselves when no
-    process group is running."""
-    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensors
-    out: list[Tensor] = list(tensors)
-    for dtype in {t.dtype for t in tensors}:
-        index = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        flat = torch.cat([tensors[i].reshape(-1) for i in index])
-        dist.broadcast(flat, src=0)
-        for i, part in zip(index, torch.split(flat, [tensors[i].numel() for i in index])):
-            out[i] = part.view_as(tensors[i])
-    return out
-
-
 @torch.no_grad()
 def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) -> None:
     """In place: θ_k ← m·θ_k + (1 − m)·θ_q for every parameter and floating buffer (BN running stats);
     integer buffers (BN batch counters) are copied. Either encoder may be wrapped in DDP.
 
-    Under a process group the buffers are taken from rank 0's f_q: DDP keeps f_q's parameters identical
-    on every worker, but each worker's BN running statistics move with its own batch until DDP
-    broadcasts rank 0's at the next forward. So f_k stays identical on every worker.
+    Under a process group f_k stays identical on every worker when f_q is: DDP keeps f_q's parameters
+    identical, and each worker's BN running statistics, which move with its own batch, are made rank 0's
+    by the caller first (:meth:`Framework.after_optimizer_step` broadcasts them, the one buffer broadcast
+    of a step; the trainer's DDP wrapper does not broadcast them again).
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum m must be in [0, 1], got {m!r}")
@@ -59,7 +44,7 @@ def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) 
         raise ValueError("key and query encoders differ in structure: "
                          f"{len(k_params)} vs {len(q_params)} parameters, {len(k_buffers)} vs {len(q_buffers)} buffers")
     float_k = k_params + [b for b in k_buffers if b.is_floating_point()]
-    float_q = [p.detach() for p in q_params] + _from_rank0([b for b in q_buffers if b.is_floating_point()])
+    float_q = [p.detach() for p in q_params] + [b for b in q_buffers if b.is_floating_point()]
     for k, q in zip(float_k, float_q):
         if k.shape != q.shape:
             raise ValueError(f"key and query encoders differ in shape: {tuple(k.shape)} vs {tuple(q.shape)}")

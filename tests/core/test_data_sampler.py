@@ -1,4 +1,4 @@
-"""PKSampler invariants: P x K batches, coverage, distributed shares, determinism."""
+"""PKSampler invariants: P x K batches, coverage, ranks' slices of the global batch, determinism."""
 from __future__ import annotations
 
 from collections import Counter
@@ -52,19 +52,15 @@ def test_identity_with_fewer_than_k_images_is_sampled_with_replacement():
     assert singles and set(singles) == {0} and len(singles) % K == 0
 
 
-def test_two_ranks_get_disjoint_shares_and_equal_lengths():
+def test_two_ranks_split_each_global_batch_into_whole_identities():
     ranks = [PKSampler(LABELS, P * K, K, seed=7, rank=r, world_size=2) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1])
+    assert len(ranks[0]) == len(ranks[1]) == len(PKSampler(LABELS, P * K, K, seed=7))
     for epoch in (0, 1):
-        per_rank = []
-        for s in ranks:
-            s.set_epoch(epoch)
-            batches = list(s)
-            assert len(batches) == len(s)
-            per_rank.append(set().union(*(check_pk(b, LABELS) for b in batches)))
-        assert per_rank[0].isdisjoint(per_rank[1])
-        assert per_rank[0] | per_rank[1] == set(LABELS)
-    assert ranks[0].share(0).tolist() != ranks[0].share(1).tolist()  # shares change per epoch
+        for first, second in zip(ranks[0].batches(epoch), ranks[1].batches(epoch)):
+            assert len(first) == len(second) == P * K // 2
+            ids = [{LABELS[i] for i in half} for half in (first, second)]
+            assert len(ids[0]) == len(ids[1]) == P // 2 and ids[0].isdisjoint(ids[1])
+            check_pk(first + second, LABELS)
 
 
 def test_same_epoch_same_batches_other_epoch_other_batches():
@@ -85,3 +81,5 @@ def test_too_few_identities_per_rank_is_an_error():
         PKSampler([0, 0, 1, 1, 2, 2], 4 * K, K)
     with pytest.raises(ValueError, match="multiple"):
         PKSampler(LABELS, 10, 4)
+    with pytest.raises(ValueError, match="world_size x num_instance"):
+        PKSampler(LABELS, 8, 4, rank=0, world_size=4)

@@ -10,8 +10,8 @@ from torch import nn
 
 from reid_core.config import ModelConfig
 from reid_core.models.classifier import CircleClassifier, LinearClassifier
-from reid_core.models import (IBN, GeM, NonLocal, ReIDModel, ReIDOutput, ResNetBackbone, build_backbone,
-                              build_model, load_pretrained)
+from reid_core.models import (IBN, DotProductNonLocal, GeM, NonLocal, PretrainedError, ReIDModel, ReIDOutput,
+                              ResNetBackbone, build_backbone, build_model, load_pretrained)
 
 
 def _count(module: nn.Module, kind: type) -> int:
@@ -90,9 +90,9 @@ def test_ibn_normalizes_first_half_per_instance():
     ("resnet18", {"layer2": [0, 1], "layer3": [0, 1]}),  # only 2 blocks per layer
 ])
 def test_non_local_placement(arch, after):
-    backbone = ResNetBackbone(arch, non_local=True)
+    backbone = ResNetBackbone(arch, non_local=True)  # FastReID's dot-product form by default
     assert backbone.non_local_after == after
-    assert _count(backbone, NonLocal) == len(after["layer2"]) + len(after["layer3"])
+    assert _count(backbone, DotProductNonLocal) == len(after["layer2"]) + len(after["layer3"])
     if arch == "resnet18":
         plain = ResNetBackbone(arch, non_local=False)
         assert _count(plain, NonLocal) == 0
@@ -181,35 +181,35 @@ def test_loads_local_torchvision_state_dict(tmp_path, caplog):
     source = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="reid_core.models.backbone"):
+    with caplog.at_level(logging.INFO, logger="reid_core.models.pretrained"):
         model = build_model(ModelConfig(arch="resnet18", pretrained=str(path)), num_classes=5)
     assert torch.equal(model.backbone.conv1.weight, source.conv1.weight)
     assert torch.equal(model.backbone.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
-    assert "fc.weight" in caplog.text  # reported as unexpected
+    assert model.pretrained_report.skipped == 2  # fc.weight, fc.bias
+    assert "2 outside the backbone skipped" in caplog.text
 
 
-def test_load_report_with_ibn_and_wrappers(tmp_path):
+def test_plain_resnet_file_into_ibn_backbone_is_an_error(tmp_path):
     torch.manual_seed(2)
     source = torchvision.models.resnet18(weights=None)
     path = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
     backbone = ResNetBackbone("resnet18", ibn=True)
-    report = load_pretrained(backbone, path)
-    assert "fc.weight" in report.unexpected and "layer1.0.bn1.weight" in report.unexpected
-    assert "layer1.0.bn1.IN.weight" in report.missing
-    assert "conv1.weight" in report.loaded
-    assert torch.equal(backbone.layer4[0].bn1.weight, source.layer4[0].bn1.weight)
+    before = backbone.layer4[0].bn1.weight.clone()
+    with pytest.raises(PretrainedError, match=r"layer1\.0\.bn1\.IN\.weight.*IBN-Net"):
+        load_pretrained(backbone, path)
+    assert torch.equal(backbone.layer4[0].bn1.weight, before)  # nothing loaded
 
 
-def test_shape_mismatch_is_skipped_and_reported(tmp_path):
+def test_shape_mismatch_is_an_error_naming_the_tensor(tmp_path):
     state = torchvision.models.resnet18(weights=None).state_dict()
     state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     path = tmp_path / "odd.pth"
     torch.save(state, path)
     backbone = ResNetBackbone("resnet18")
     before = backbone.conv1.weight.clone()
-    report = load_pretrained(backbone, path)
-    assert report.mismatched == ["conv1.weight"]
+    with pytest.raises(PretrainedError, match=r"conv1\.weight \(file \(64, 3, 3, 3\), backbone \(64, 3, 7, 7\)\)"):
+        load_pretrained(backbone, path)
     assert torch.equal(backbone.conv1.weight, before)
 
 
@@ -230,7 +230,7 @@ def test_file_that_is_not_a_state_dict_is_a_clear_error(tmp_path):
         build_backbone("resnet18", pretrained=str(listing))
     foreign = tmp_path / "foreign.pt"
     torch.save({"encoder.weight": torch.zeros(2)}, foreign)
-    with pytest.raises(ValueError, match="no tensor of .*foreign.pt"):
+    with pytest.raises(ValueError, match="foreign.pt .*no place for 1 tensors of the file: encoder.weight"):
         build_backbone("resnet18", pretrained=str(foreign))
 
 
