@@ -2,7 +2,8 @@
 
 ``euclidean``: d(x, y) = ||x - y||_2, computed with the matmul expansion
 |x|^2 + |y|^2 - 2 x.y, clamped at 1e-12 before the square root so that the value and the gradient stay
-finite when x == y (the gradient is exactly 0 there). ``cosine``: d(x, y) = -x̂ᵀŷ (range [-1, 1]).
+finite when x == y (the gradient is exactly 0 there where the expansion cancels exactly; in float32 a
+rounding residual of about 1e-7 |x|^2 can survive the clamp at near-identical points). ``cosine``: d(x, y) = -x̂ᵀŷ (range [-1, 1]).
 ``normalize=True`` L2-normalizes the features before either metric.
 
 Frameworks that keep references across steps (the MoReID dictionary) store them already prepared with
