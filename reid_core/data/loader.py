@@ -18,7 +18,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -49,7 +49,13 @@ def read_image(path: str) -> torch.Tensor:
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # let PIL have a go (e.g. an unusual colour space); it raises if it cannot either
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # PIL's own message names the in-memory buffer's address, which differs per process: a study could
+        # not tell that its trials failed the same way.
+        raise OSError("not a JPEG, nor an image format PIL can identify") from None
+    with img:
         arr = np.asarray(img.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
