@@ -285,10 +285,11 @@ def weights_key(cfg: Config) -> tuple:
     return (m.pretrained, m.arch, m.ibn, m.non_local, m.non_local_form, m.pretrained_cache)
 
 
-def backbone_label(cfg: Config) -> str:
-    """``R50-IBN-a``, ``R101``: the architecture as the paper names it."""
+def backbone_label(cfg: Config, non_local: bool = True) -> str:
+    """``R50-IBN-a + non-local``, ``R101``: the architecture as the paper names it (``non_local``: say so)."""
     m = cfg.model
-    return f"R{m.arch.removeprefix('resnet')}{'-IBN-a' if m.ibn else ''}" + (" + non-local" if m.non_local else "")
+    return f"R{m.arch.removeprefix('resnet')}{'-IBN-a' if m.ibn else ''}" + (
+        " + non-local" if m.non_local and non_local else "")
 
 
 @dataclass
@@ -313,7 +314,7 @@ def plan_weights(cfg: Config) -> str:
         from reid_core.models.pretrained import default_cache_dir  # torch, but a cheap module of it
 
         cache = m.pretrained_cache or default_cache_dir()
-        return (f"pretrained: imagenet ({backbone_label(cfg)}, fetched once into {cache} and SHA-256 checked "
+        return (f"pretrained: imagenet ({backbone_label(cfg, non_local=False)}, fetched once into {cache} and SHA-256 checked "
                 f"before the first trial)")
     return f"pretrained: {m.pretrained} ({backbone_label(cfg)}, loaded and checked before the first trial)"
 
