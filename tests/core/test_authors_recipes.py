@@ -19,7 +19,7 @@ COMMON = {
     "model.cls_scale": 64.0, "model.cls_margin": 0.35, "model.pretrained": "imagenet",
     "loss.label_smoothing": 0.1, "loss.normalize": False, "data.flip_prob": 0.5, "data.padding": 10,
     "data.random_erasing": 0.5, "data.autoaug": True, "data.autoaug_prob": 0.1, "optim.warmup_factor": 0.1,
-    "optim.cosine_delay_epochs": 30, "train.amp": True, "train.eval_period": 10, "eval.metric": "cosine",
+    "optim.weight_decay": 5e-4, "optim.cosine_delay_epochs": 30, "train.amp": True, "train.eval_period": 10, "eval.metric": "cosine",
 }
 # Per dataset: (IMS_PER_BATCH, NUM_INSTANCE, workers the authors split it over) and the rest.
 RECIPES = {
