@@ -311,9 +311,12 @@ def plan_weights(cfg: Config) -> str:
         return (f"pretrained: none: random init of {backbone_label(cfg)} (not the paper's setting: the authors "
                 f"start from ImageNet weights, model.pretrained: imagenet)")
     if m.pretrained == "imagenet":
-        from reid_core.models.pretrained import default_cache_dir  # torch, but a cheap module of it
+        if m.pretrained_cache:
+            cache = m.pretrained_cache
+        else:
+            from reid_core.models.pretrained import default_cache_dir  # imports torch
 
-        cache = m.pretrained_cache or default_cache_dir()
+            cache = str(default_cache_dir())
         return (f"pretrained: imagenet ({backbone_label(cfg, non_local=False)}, fetched once into {cache} and SHA-256 checked "
                 f"before the first trial)")
     return f"pretrained: {m.pretrained} ({backbone_label(cfg)}, loaded and checked before the first trial)"
