@@ -28,6 +28,7 @@ from study.driver.checks import (check_address, check_data, check_optuna_storage
 from study.driver.storage import DEFAULT_STORAGE, StorageError, StudyStorage, is_uri
 from study.layout import STUDY_FILE
 from study.space import SearchSpace, SpaceError, load_space, parse_space, resolve_path, validate_plan
+from study.space.plan import batch_lines
 from study.trial.errors import PreflightError, error_line
 
 # --set keys a resumed study may change: where the data are and how they are read, never what a trial
@@ -92,6 +93,8 @@ def print_plan(space: SearchSpace, trials: list, limit: int = 40) -> None:
                                                  " (not found on this machine: it must exist on the workers)")
              if space.base["data.root"] else " (generated into the cache)")
           + f", {space.epochs} epochs, eval every {space.base['train.eval_period']}")
+    for line in batch_lines(getattr(trials, "configs", None) or [], space.resources.workers_per_trial):
+        print(f"  {line}")
     print(f"trial plan ({len(trials)} trials):")
     if space.searcher == "optuna":
         sampled = ", ".join(p.name for p in space.sampled_params)

@@ -100,7 +100,9 @@ def _trial_setup(space: SearchSpace, storage: StudyStorage, checked: Preflight, 
     env = {k: os.environ[k] for k in ("MOREID_CACHE",) if os.environ.get(k)}
     index = {key: value if isinstance(value, ray.ObjectRef) else ray.put(value)
              for key, value in checked.index.items() if started_ray or not key.startswith("synthetic|")}
-    return TrialSetup(base=space.base, storage=storage.root, study=storage.name, workers=r.workers_per_trial,
+    # trial_base: model.pretrained as the verified local file (for trials built from the base at run time)
+    return TrialSetup(base=checked.trial_base(space.base), storage=storage.root, study=storage.name,
+                      workers=r.workers_per_trial,
                       cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
                       worker_retries=space.retries.workers, eval_epochs=space.scheduler.milestones(),
                       metric=space.metric, mode=space.mode, fail_hook=fail_hook(), worker_env=env,

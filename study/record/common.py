@@ -18,9 +18,13 @@ from study.trial.errors import TRIAL_ERROR_KEY
 if TYPE_CHECKING:  # only annotations: the driver's checks read this module's file names before Ray is imported
     from ray.tune.experiment import Trial
 
+# Reported by every trial with its results (study.trial.worker): the global batch of a step, the workers
+# sharing it and each one's share; what model.pretrained loaded (empty for random init: no file).
+RUN_COLUMNS = ("batch_global", "workers", "batch_per_worker", "pretrained/form", "pretrained/loaded",
+               "pretrained/skipped", "pretrained/missing_non_local", "pretrained/path")
 FIXED_COLUMNS = ("study", "trial_id", "status", "epochs",
                  *(f"final_{k}" for k in EVAL_METRICS), *(f"best_{k}" for k in EVAL_METRICS),
-                 "best_epoch", "cmc", "searched", "skipped_images", "error")
+                 "best_epoch", "cmc", "searched", "skipped_images", *RUN_COLUMNS, "error")
 
 
 def finite_number(value: Any) -> float | None:

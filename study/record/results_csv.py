@@ -20,7 +20,7 @@ from reid_core.config import EVAL_METRICS
 from study.driver.storage import StudyStorage
 from study.trial.errors import TRIAL_ERROR_KEY
 from study.layout import RESULTS_FILE
-from study.record.common import (FIXED_COLUMNS, TrialInfo, config_cell, failure_reason, metric_cell,
+from study.record.common import (FIXED_COLUMNS, RUN_COLUMNS, TrialInfo, config_cell, failure_reason, metric_cell,
                                  finite_number)
 
 # results.csv is rewritten for epoch results at most this often (seconds); trial starts and ends at once.
@@ -167,6 +167,7 @@ class ResultsCsv(Callback):
         row["searched"] = ";".join(self.info.searched)
         skipped = finite_number(result.get("skipped_images"))
         row["skipped_images"] = str(int(skipped)) if skipped is not None else ""
+        row.update({key: str(result[key]) for key in RUN_COLUMNS if key in result})
         row.update({key: config_cell(value) for key, value in self.info.flat(trial).items()})
         return row
 

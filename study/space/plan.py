@@ -102,3 +102,13 @@ def params_key(config: Mapping[str, Any]) -> str:
 def planned_configs(trials: Iterable[PlannedTrial]) -> dict[str, Config]:
     """``params_key -> validated Config`` of the planned trials whose Config the plan built."""
     return {params_key(t.params): t.config for t in trials if t.config is not None}
+
+
+def batch_lines(configs: Iterable[Config], workers: int) -> list[str]:
+    """The plan's batches, one line per distinct (``data.batch_size``, K): the global batch of one step
+    (FastReID's IMS_PER_BATCH), the workers per trial and each worker's share."""
+    lines = []
+    for batch, k in dict.fromkeys((c.data.batch_size, c.data.num_instance) for c in configs):
+        share = f"{workers} workers x {batch // workers} images each" if workers > 1 else "1 worker"
+        lines.append(f"batch: {batch} images per step (global: P = {batch // k} identities x K = {k}), {share}")
+    return lines

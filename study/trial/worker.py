@@ -273,7 +273,12 @@ def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> 
     world = {"world_size": session.world_size,
              "ddp_backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else "none",
              "rank_nodes": rank_nodes(), "entered_at": entered_at, "import_s": imported - began,
-             "build_s": built - imported, "restore_s": time.perf_counter() - built}
+             "build_s": built - imported, "restore_s": time.perf_counter() - built,
+             # data.batch_size is the global batch of a step; each worker loads its share. Pretrained: counts
+             # loaded from model.pretrained (absent for random init).
+             "batch_global": cfg.data.batch_size, "workers": session.world_size,
+             "batch_per_worker": cfg.data.batch_size // session.world_size,
+             **(trainer.pretrained_report.metrics() if trainer.pretrained_report is not None else {})}
     try:
         if start_epoch > 0 and (start_epoch >= cfg.train.epochs or not registered):
             # The run had finished before its driver went away, or its driver died before it took the result

@@ -8,10 +8,13 @@ several workers run a Ray Train TorchTrainer. Both paths are covered:
   with --resume without re-running finished trials;
 - two CPU workers (DDP over gloo): an ASHA study whose first trial's rank-0 worker dies once and is retried
   from its checkpoint, with trials stopped early and trials after them still starting (docs/design.md, "The study platform"
-  trap: Train must give back the resources of a run Tune stopped).
+  trap: Train must give back the resources of a run Tune stopped), its global batch of 16 split 8 + 8;
+- pretrained weights: ``imagenet`` fetched from a file:// copy (``MOREID_WEIGHTS_SOURCES``) into the cache
+  and verified before Ray starts, the trial reading that local file (counts in results.csv).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -25,6 +28,9 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
+import torchvision
+import yaml
 from optuna.trial import TrialState
 
 from helpers import REPO, free_port, process_tree, read_csv, stop_leftovers, trial_progress, write_space
@@ -94,6 +100,7 @@ def test_two_gloo_workers_asha_and_a_worker_death_resumed_from_checkpoint(tmp_pa
     space = write_space(tmp_path, "ddp", 2, {"optim.lr": {"type": "grid", "values": lrs}},
                         scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2},
                         resources={"max_concurrent": 1, "workers_per_trial": 2, "cpus_per_worker": 1})
+    global_batch(space, 16)  # data.batch_size is global: 2 workers x 8 images (2 identities x K = 4) each
     start = time.time()
     assert run.main([str(space), "--storage", str(tmp_path / "studies")]) == 0
     print(f"2-worker ASHA study with a worker death: {time.time() - start:.0f} s")
@@ -108,10 +115,48 @@ def test_two_gloo_workers_asha_and_a_worker_death_resumed_from_checkpoint(tmp_pa
     assert list(progress["epoch"]) == [1, 2]  # not restarted from scratch
     assert list(progress["start_epoch"]) == [0, 1]  # the new worker group loaded the epoch-1 checkpoint
     assert set(progress["world_size"]) == {2} and set(progress["ddp_backend"]) == {"gloo"}
+    assert all((r["batch_global"], r["workers"], r["batch_per_worker"]) == ("16", "2", "8") for r in rows)
+    assert list(progress["batch_per_worker"])[:1] == [8]  # in the trial's first result
     # A trial stopped early that is not the last one: the trial after it got its workers' CPUs back.
     stopped = [i for i, r in enumerate(rows) if r["status"] == "STOPPED"]
     assert stopped and stopped[0] < len(rows) - 1 and all(rows[i]["epochs"] == "1" for i in stopped)
     assert "Reporting training result" not in out and "TrainingReport" not in out
+
+
+def global_batch(space: Path, batch: int) -> None:
+    """Set the global ``data.batch_size`` of a written space (TINY_BASE's 8 stays for one-worker trials)."""
+    raw = yaml.safe_load(space.read_text())
+    raw["base"]["data"]["batch_size"] = batch
+    space.write_text(yaml.safe_dump(raw))
+
+
+def test_imagenet_weights_verified_before_ray_and_trials_read_the_local_file(tmp_path, monkeypatch, capsys):
+    # A site's own copy of the ImageNet file, at a file:// URL with its SHA-256 (nothing is downloaded).
+    published = tmp_path / "mirror" / "resnet18-mirror.pth"
+    published.parent.mkdir()
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, published)
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(yaml.safe_dump({"resnet18": {"url": published.as_uri(),
+                                                    "sha256": hashlib.sha256(published.read_bytes()).hexdigest()}}))
+    monkeypatch.setenv("MOREID_WEIGHTS_SOURCES", str(sources))
+    cache = tmp_path / "cache"
+    space = write_space(tmp_path, "weights", 1, {"optim.lr": {"type": "grid", "values": [1e-3]}})
+    assert run.main([str(space), "--storage", str(tmp_path / "studies"), "--set", "model.pretrained=imagenet",
+                     "--set", f"model.pretrained_cache={cache}"]) == 0
+    out = capsys.readouterr().out
+    fetched = cache / published.name
+    assert fetched.read_bytes() == published.read_bytes()  # fetched once into the cache, before the trials
+    loaded = len(state) - 2  # every tensor but the ImageNet classifier fc.weight, fc.bias
+    assert f"pretrained: imagenet -> {fetched} (torchvision form; {loaded} backbone tensors loaded, 2 skipped" in out
+    study = tmp_path / "studies" / "weights"
+    (row,) = read_csv(study / "results.csv")
+    assert row["status"] == "TERMINATED" and row["model.pretrained"] == str(fetched)  # the trial read the file
+    assert (row["pretrained/form"], row["pretrained/loaded"], row["pretrained/skipped"]) == ("torchvision",
+                                                                                              str(loaded), "2")
+    assert (row["batch_global"], row["workers"], row["batch_per_worker"]) == ("8", "1", "8")
+    first = trial_progress(study, row["trial_id"]).iloc[0]
+    assert first["pretrained/loaded"] == loaded and first["pretrained/path"] == str(fetched)
 
 
 def test_study_on_an_existing_head_reached_with_address(tmp_path):

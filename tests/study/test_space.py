@@ -46,6 +46,29 @@ def test_every_shipped_space_passes_the_dry_run(capsys):
         out = capsys.readouterr().out
         assert "dry run: nothing trained" in out
         assert f"space {path.stem}" in out
+        assert "batch: " in out and "images per step (global" in out
+        if path.stem in ("quickstart", "fidelity"):  # the CPU demos: random init
+            assert "pretrained: none (random init)" in out
+        else:  # the paper's spaces: ImageNet, said (a dry run fetches and loads nothing)
+            assert "pretrained: imagenet (R50-IBN-a, fetched once into /mnt/shared/weights" in out
+    assert not Path("/mnt/shared/weights").exists()
+
+
+def test_paper_spaces_run_the_authors_global_batches_from_imagenet_weights(capsys):
+    for name in EXPECTED_SPACES - {"quickstart", "fidelity"}:
+        space = load_space(name)
+        b = space.base
+        assert (b["model.pretrained"], b["model.pretrained_cache"]) == ("imagenet", "/mnt/shared/weights"), name
+        assert b["model.non_local_form"] == "dot_product", name
+        # VeRi-776's 64 images per step in all, K = 16, on one GPU as the authors ran it.
+        assert (b["data.batch_size"], b["data.num_instance"]) == (64, 16), name
+        assert space.resources.workers_per_trial == (4 if name == "datasets" else 1), name
+    rows = {c["data.dataset"]: c for c in load_space("datasets").cells()}
+    for test_set in ("veriwild-small", "veriwild-medium", "veriwild-large"):
+        assert (rows[test_set]["data.batch_size"], rows[test_set]["data.num_instance"]) == (512, 4)
+    # Without weights, a paper space says it does not run the paper's setting.
+    assert run.main(["loss_comparison", "--dry-run", "--address", "auto", "--set", "model.pretrained="]) == 0
+    assert "pretrained: none: random init of R50-IBN-a + non-local (not the paper's setting" in capsys.readouterr().out
 
 
 def test_fidelity_space_holds_every_claims_cells_with_three_seeds_in_the_methods_regime():

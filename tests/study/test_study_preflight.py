@@ -100,7 +100,7 @@ def test_missing_or_malformed_datasets_fail_before_ray(market, tmp_path):
     assert not storage.exists()
 
 
-def test_p_times_k_checked_against_the_identities_per_worker(market, tmp_path):
+def test_p_times_k_checked_against_the_training_identities(market, tmp_path):
     storage = tmp_path / "studies"
     # quickstart: P = 32 / 4 = 8 identities per batch; the tree has 5 training identities.
     code, _, err, _ = cli("quickstart", "--dataset", "market1501", "--data-root", str(market), "--storage", str(storage))
@@ -111,10 +111,82 @@ def test_p_times_k_checked_against_the_identities_per_worker(market, tmp_path):
     assert code == 0, err
     # 4 images per training identity, K = 4: no warning; queries all have a match.
     assert "5 identities" in out and "no match" not in out and "warning" not in out
-    # Two workers share 5 identities: 2 each, P = 2 * ... fits; P = 5 does not.
+    assert "batch: 20 images per step (global: P = 5 identities x K = 4), 1 worker" in out
+    # data.batch_size is the global batch: 2 workers share P = 16 / 4 = 4 of the 5 identities (2 each),
+    # where a per-worker batch would have needed 8.
+    code, out, err, _ = cli("quickstart", "--dataset", "market1501", "--data-root", str(market), "--storage",
+                            str(storage), "--set", "data.batch_size=16", "--workers-per-trial", "2", "--dry-run")
+    assert code == 0, err
+    assert "batch: 16 images per step (global: P = 4 identities x K = 4), 2 workers x 8 images each" in out
+    # P = 6 > 5 identities: the fix keeps P a multiple of the 2 workers.
     code, _, err, _ = cli("quickstart", "--dataset", "market1501", "--data-root", str(market), "--storage",
-                          str(storage), "--set", "data.batch_size=20", "--workers-per-trial", "2")
-    one_error(code, err, "split over 2 workers give each 2", "on each worker", "--set data.batch_size=8")
+                          str(storage), "--set", "data.batch_size=24", "--workers-per-trial", "2")
+    one_error(code, err, "5 training identities", "= 24 / 4 = 6", "global batch of 2 workers",
+              "--set data.batch_size=16")
+    assert not storage.exists()
+
+
+def test_global_batch_checked_for_every_planned_trial_before_ray(market, tmp_path):
+    storage = tmp_path / "studies"
+    data = ["--dataset", "market1501", "--data-root", str(market), "--storage", str(storage)]
+    # 8 images of K = 4 over 3 workers: not whole identities per worker.
+    code, _, err, _ = cli(str(space_file(tmp_path)), *data, "--workers-per-trial", "3")
+    one_error(code, err, "--workers-per-trial 3", "data.batch_size 8", "3 x 4 = 12", "data.batch_size=12",
+              "--workers-per-trial 2")
+    # Every planned trial is checked, not only the base: the second value of a searched batch fails.
+    searched = tmp_path / "searched.yaml"
+    space = yaml.safe_load(space_file(tmp_path).read_text())
+    space["parameters"] = {"data.batch_size": {"type": "grid", "values": [8, 12]}}
+    searched.write_text(yaml.safe_dump(space))
+    code, _, err, _ = cli(str(searched), *data, "--workers-per-trial", "2", "--dry-run")
+    one_error(code, err, "data.batch_size 12", "2 x 4 = 8", "data.batch_size=16 or 8")
+    assert not storage.exists()
+
+
+def _weights_file(path: Path, drop: str = "") -> Path:
+    """A ResNet-18 state dict in torchvision form (random values), without the tensors starting ``drop``."""
+    import torch
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({k: v for k, v in state.items() if not (drop and k.startswith(drop))}, path)
+    return path
+
+
+def test_pretrained_planned_without_fetching_and_bad_weights_fail_before_ray(market, tmp_path):
+    storage = tmp_path / "studies"
+    data = ["--dataset", "market1501", "--data-root", str(market), "--storage", str(storage)]
+    cache = tmp_path / "cache"
+    # A dry run says what a run would do and neither fetches (the cache stays absent) nor loads.
+    code, out, err, _ = cli(str(space_file(tmp_path)), *data, "--dry-run", "--set", "model.pretrained=imagenet",
+                            "--set", f"model.pretrained_cache={cache}")
+    assert code == 0, err
+    assert f"pretrained: imagenet (R18, fetched once into {cache}" in out and not cache.exists()
+    code, out, err, _ = cli(str(space_file(tmp_path)), *data, "--dry-run")
+    assert code == 0, err
+    assert "pretrained: none: random init of R18 (not the paper's setting" in out
+    # A file lacking a backbone tensor: one line naming it, before Ray (cli asserts Ray was never imported).
+    bad = _weights_file(tmp_path / "no_layer4.pth", drop="layer4.1.")
+    code, _, err, _ = cli(str(space_file(tmp_path)), *data, "--set", f"model.pretrained={bad}")
+    one_error(code, err, "layer4.1.")
+    # imagenet from a site's own sources file (MOREID_WEIGHTS_SOURCES): a wrong checksum fails and caches nothing.
+    published = _weights_file(tmp_path / "resnet18-mirror.pth")
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(yaml.safe_dump({"resnet18": {"url": published.as_uri(), "sha256": "0" * 64}}))
+    code, _, err, _ = cli(str(space_file(tmp_path)), *data, "--set", "model.pretrained=imagenet",
+                          "--set", f"model.pretrained_cache={cache}", env={"MOREID_WEIGHTS_SOURCES": str(sources)})
+    one_error(code, err, published.as_uri(), "0" * 64, "nothing was cached")
+    assert not list(cache.glob("*.pth"))
+    # An unreachable source: a clear error, before Ray.
+    sources.write_text(yaml.safe_dump({"resnet18": {"url": (tmp_path / "absent.pth").as_uri(), "sha256": "0" * 64}}))
+    code, _, err, _ = cli(str(space_file(tmp_path)), *data, "--set", "model.pretrained=imagenet",
+                          "--set", f"model.pretrained_cache={cache}", env={"MOREID_WEIGHTS_SOURCES": str(sources)})
+    one_error(code, err, "could not download", "absent.pth")
+    # A sources file naming an unknown architecture is refused by name.
+    sources.write_text(yaml.safe_dump({"resnet51": {"url": published.as_uri(), "sha256": "0" * 64}}))
+    code, _, err, _ = cli(str(space_file(tmp_path)), *data, "--set", "model.pretrained=imagenet",
+                          env={"MOREID_WEIGHTS_SOURCES": str(sources)})
+    one_error(code, err, "MOREID_WEIGHTS_SOURCES", "'resnet51'")
     assert not storage.exists()
 
 
