@@ -30,6 +30,7 @@ from helpers import free_port, read_csv, write_space
 
 pytestmark = pytest.mark.usefixtures("ray_env")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+REPO = Path(__file__).resolve().parents[2]
 STATE_OF = {"TERMINATED": "COMPLETE", "STOPPED": "PRUNED", "ERROR": "FAIL"}
 PG_ROLE, PG_PASSWORD = "moreid", "pw-Zq7Xk2Lm9Vb4sRt"  # a role that must give its password (scram-sha-256)
 
@@ -239,15 +240,22 @@ def test_password_reaches_no_file_pickle_or_console_line(tmp_path, postgres, cap
     checkpoints = list(study.rglob("checkpoint.pt"))
     assert checkpoints and {stat.S_IMODE(p.stat().st_mode) for p in checkpoints} == {0o600}
 
-    # Resume without the password: refused when nothing gives it (one line, exit 2, before Ray) ...
-    assert run.main([str(space), "--storage", str(root), "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot open the Optuna storage" in err and "password" in err, err
-    # ... and carried on when libpq reads it from PGPASSFILE (the URL in study.json has none).
-    monkeypatch.setenv("PGPASSFILE", str(_pgpass(tmp_path, postgres, PG_PASSWORD)))
-    assert run.main([str(space), "--storage", str(root), "--resume", "--optuna-storage", without]) == 0
-    captured = capsys.readouterr()
-    assert "resuming the study" in captured.out and PG_PASSWORD not in captured.out + captured.err
+    # A new driver (a fresh process: the first one's memory is gone) resuming with the URL study.json holds,
+    # without the password: refused when nothing gives it (one line, exit 2, before Ray) ...
+    resume = [sys.executable, "-m", "study.run", str(space), "--storage", str(root), "--resume"]
+    env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+    refused = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
+    assert "cannot open the Optuna storage" in lines[0] and "password" in lines[0], lines[0]
+    # ... and carried on when libpq reads it from PGPASSFILE.
+    env["PGPASSFILE"] = str(_pgpass(tmp_path, postgres, PG_PASSWORD))
+    start = time.time()
+    resumed = subprocess.run([*resume, "--optuna-storage", without], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+    print(f"resumed in a new driver with PGPASSFILE: {time.time() - start:.0f} s")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the study" in resumed.stdout and PG_PASSWORD not in resumed.stdout + resumed.stderr
     assert _holding(study, secret) == []
 
     # The same study with the password in the URL again: the URLs match once the password is stripped.
