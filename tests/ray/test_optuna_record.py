@@ -222,8 +222,9 @@ def test_password_reaches_no_file_pickle_or_console_line(tmp_path, postgres, cap
     root = tmp_path / "studies"
     start = time.time()
     assert run.main([str(space), "--storage", str(root), "--optuna-storage", with_password]) == 0
-    print(f"study with a password URL: {time.time() - start:.0f} s")
     captured = capsys.readouterr()
+    with capsys.disabled():
+        print(f"study with a password URL: {time.time() - start:.0f} s")
     study = root / "pw"
     assert PG_PASSWORD not in captured.out + captured.err
     assert f"optuna-dashboard {without}" in captured.out  # the URL that works with a password file
@@ -253,7 +254,8 @@ def test_password_reaches_no_file_pickle_or_console_line(tmp_path, postgres, cap
     start = time.time()
     resumed = subprocess.run([*resume, "--optuna-storage", without], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=300)
-    print(f"resumed in a new driver with PGPASSFILE: {time.time() - start:.0f} s")
+    with capsys.disabled():
+        print(f"resumed in a new driver with PGPASSFILE: {time.time() - start:.0f} s")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming the study" in resumed.stdout and PG_PASSWORD not in resumed.stdout + resumed.stderr
     assert _holding(study, secret) == []
