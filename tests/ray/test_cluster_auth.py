@@ -13,6 +13,9 @@ job runs (the job would create a marker file; with the token the same request ru
 the token is refused by the head, the same driver with it connects, runs a task and reads the State API
 (what Ray Train's cleaner needs); the GCS answers a tokenless gRPC call UNAUTHENTICATED (the probe a driver's
 ``--address`` check can use) and the same call with the token; the dashboard listens on 127.0.0.1 only.
+A study driver (``python -m study.run --address``) without ``RAY_AUTH_MODE=token``, without a token or with
+a wrong one stops with one ``error:`` line, nothing written and no token printed; with the token its study
+runs on the head.
 """
 from __future__ import annotations
 
