@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from study.driver.checks import (check_address, check_data, check_optuna_storage, check_storage, check_study_name,
-                                 replace_unfinished, run_preflight)
+from study.driver.checks import (check_address, check_data, check_optuna_storage, check_space_name, check_storage,
+                                 check_study_name, replace_unfinished, run_preflight)
 from study.driver.storage import DEFAULT_STORAGE, StorageError, StudyStorage, is_uri
 from study.layout import STUDY_FILE
 from study.space import SearchSpace, SpaceError, load_space, parse_space, resolve_path, validate_plan
@@ -146,12 +147,15 @@ def load_for_run(args: argparse.Namespace) -> tuple[SearchSpace, StudyStorage, d
     if args.resume:
         corrections = resume_overrides(args)
         name = args.name or _space_name(args.space)
+        if not args.name:  # --name was checked by main
+            check_space_name(name, str(resolve_path(args.space)))
         storage = StudyStorage(args.storage, name)
         check_storage(storage)
         text = storage.read_text(STUDY_FILE)
         if text is None:
             raise SpaceError(f"nothing to resume: {storage.location(STUDY_FILE)} does not exist "
                              f"(start the study without --resume)")
+        storage.check_private()  # before anything unpickles the study's state
         saved = json.loads(text)
         saved["overrides"] = [*saved["overrides"], *corrections]
         space = parse_space(saved["space"], source=saved["source"], overrides=saved["overrides"],
@@ -182,6 +186,16 @@ def resume_command(args: argparse.Namespace, storage: StudyStorage) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Owner-only files and folders: the study folder, Ray's (Tune's and Train's pyarrow copies use the
+    # process umask) and a local Ray's workers, which inherit it.
+    previous = os.umask(0o077)
+    try:
+        return _main(argv)
+    finally:
+        os.umask(previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.resume and args.restart:

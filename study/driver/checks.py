@@ -15,7 +15,7 @@ import grpc  # a dependency of Ray, much lighter than importing Ray
 from study.driver.preflight import Preflight, preflight
 from study.driver.storage import StudyStorage, is_uri
 from study.layout import OPTUNA_DB, RESULTS_FILE
-from study.search.optuna_record import OptunaRecord, default_url, study_names
+from study.search.optuna_record import OptunaRecord, default_url, masked, split_password, study_names
 from study.space import SearchSpace, SpaceError, checked_params, plan
 from study.space.schema import NAME_RE
 
@@ -30,6 +30,14 @@ def check_study_name(name: str | None) -> None:
     if name is not None and not NAME_RE.match(name):
         raise SpaceError(f"--name {name!r}: must be a word of letters, digits, '-' or '_' (it names the study "
                          f"folder under --storage)")
+
+
+def check_space_name(name: Any, source: str) -> None:
+    """A resumed study's name (the space's, when no --name) follows the rule of a fresh start: a word, so
+    that the study folder is one folder under --storage."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SpaceError(f"{source}: name {name!r}: must be a word of letters, digits, '-' or '_' (it names the "
+                         f"study folder under --storage)")
 
 
 def check_storage(storage: StudyStorage) -> None:
@@ -50,30 +58,75 @@ def check_storage(storage: StudyStorage) -> None:
 
 def check_address(address: str) -> None:
     """An explicit ``host:port`` must be a Ray head's GCS that answers: one gRPC call with a deadline
-    (``ray.init`` itself retries an unreachable or wrong address for minutes)."""
+    (``ray.init`` itself retries an unreachable or wrong address for minutes). A head with token
+    authentication answers UNAUTHENTICATED: then this driver needs ``RAY_AUTH_MODE=token`` and the
+    cluster's token (found as Ray finds it), which the head must accept. The token is never printed."""
     if address == "auto" or address.startswith("local"):
         return
     target = address.split("://")[-1]
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise SpaceError(f"--address {address!r}: expected auto or host:port (e.g. 10.0.0.1:6379)")
+    code = _probe_gcs(target)
+    if code is None:
+        return
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        _check_token(address, target)
+        return
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        raise SpaceError(f"--address {address}: no answer within {ADDRESS_WAIT_S:g} s (unreachable host or a "
+                         f"firewall): check the head node's address")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        raise SpaceError(f"--address {address}: cannot connect (nothing listens there): is a Ray head running "
+                         f"there? (ray start --head --port {port})")
+    raise SpaceError(f"--address {address}: something answers there, but not a Ray head ({code.name}): "
+                     f"give the head's GCS address (ray start --head prints it)")
+
+
+def _probe_gcs(target: str, token: str | None = None) -> grpc.StatusCode | None:
+    """The status code of one GCS call (None: it answered)."""
+    metadata = [("authorization", f"Bearer {token}")] if token is not None else None
     channel = grpc.insecure_channel(target)
     try:
-        channel.unary_unary(GCS_PROBE)(b"", timeout=ADDRESS_WAIT_S)
+        channel.unary_unary(GCS_PROBE)(b"", timeout=ADDRESS_WAIT_S, metadata=metadata)
+        return None
     except grpc.RpcError as exc:
-        code = exc.code()
-        if code == grpc.StatusCode.UNAUTHENTICATED:  # a Ray head with token authentication: it answered
-            return
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise SpaceError(f"--address {address}: no answer within {ADDRESS_WAIT_S:g} s (unreachable host or a "
-                             f"firewall): check the head node's address") from None
-        if code == grpc.StatusCode.UNAVAILABLE:
-            raise SpaceError(f"--address {address}: cannot connect (nothing listens there): is a Ray head running "
-                             f"there? (ray start --head --port {port})") from None
-        raise SpaceError(f"--address {address}: something answers there, but not a Ray head ({code.name}): "
-                         f"give the head's GCS address (ray start --head prints it)") from None
+        return exc.code()
     finally:
         channel.close()
+
+
+def ray_token() -> tuple[str | None, str]:
+    """``(token or None, where it was looked for)``, in Ray's own order: ``RAY_AUTH_TOKEN``, the file
+    ``RAY_AUTH_TOKEN_PATH`` names, ``~/.ray/auth_token`` (whitespace around it dropped)."""
+    text = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if text:
+        return text, "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    where = f"RAY_AUTH_TOKEN_PATH={named}" if named else str(path)
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return (text or None), (where if named else f"RAY_AUTH_TOKEN (unset) and {where}")
+
+
+def _check_token(address: str, target: str) -> None:
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        raise SpaceError(f"--address {address}: the Ray cluster there uses token authentication: set "
+                         f"RAY_AUTH_MODE=token and give its token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
+                         f"RAY_AUTH_TOKEN)")
+    token, where = ray_token()
+    if token is None:
+        raise SpaceError(f"--address {address}: RAY_AUTH_MODE=token but no token found (looked in {where}): copy "
+                         f"the cluster's token there (ray get-auth-token on the head prints it)")
+    code = _probe_gcs(target, token)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        raise SpaceError(f"--address {address}: the cluster refused this token (from {where}): give the token "
+                         f"the head was started with")
+    if code is not None:
+        raise SpaceError(f"--address {address}: the head did not answer the authenticated call ({code.name})")
 
 
 def check_data(space: SearchSpace) -> None:
@@ -119,13 +172,15 @@ def check_optuna_storage(args: Any, space: SearchSpace, storage: StudyStorage,
     replaced (``--restart``, or a study with no finished trial), so its Optuna studies go too. The URL is
     recorded in ``study_file`` (study.json), where ``--resume`` finds it."""
     url = args.optuna_storage
+    clean, password = split_password(url) if url else (url, None)
     if args.resume:
         saved = study_file.get("optuna_storage")
-        if url and saved and url != saved:
-            raise SpaceError(f"this study records its Optuna trials in {saved}; resume it without "
+        if url and saved and clean != split_password(saved)[0]:
+            raise SpaceError(f"this study records its Optuna trials in {masked(saved)}; resume it without "
                              f"--optuna-storage or with that URL")
         url = url or saved
-    study_file["optuna_storage"] = url
+        clean = clean or saved
+    study_file["optuna_storage"] = clean  # never the password: it is read again at run time
     if not url and not storage.path(OPTUNA_DB).is_file():
         return url  # the default SQLite file, not made yet: nothing to open (nor to leave behind)
     record = optuna_record(space, storage, url)
@@ -134,10 +189,12 @@ def check_optuna_storage(args: Any, space: SearchSpace, storage: StudyStorage,
     except Exception as exc:  # SQLAlchemy: bad URL, no driver, server unreachable, no such database
         reason = getattr(exc, "orig", None) or exc  # the database driver's own message, when there is one
         detail = " ".join(line.strip() for line in str(reason).splitlines() if line.strip())
-        raise SpaceError(f"cannot open the Optuna storage {record.url}: {type(reason).__name__}: {detail}") from exc
+        if password:
+            detail = detail.replace(password, "***")
+        raise SpaceError(f"cannot open the Optuna storage {masked(url)}: {type(reason).__name__}: {detail}") from None
     if existing and not args.resume:
         if not replaced:
-            raise SpaceError(f"the Optuna storage {record.url} already holds the study {existing[0]!r}: pass "
+            raise SpaceError(f"the Optuna storage {masked(url)} already holds the study {existing[0]!r}: pass "
                              f"--resume to carry it on, or --name for a new one")
         record.delete(existing)
     return url

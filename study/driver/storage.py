@@ -17,6 +17,9 @@ import pyarrow.fs as pafs
 from reid_core.files import write_atomic
 
 DEFAULT_STORAGE = "studies"
+# What --resume unpickles from a study folder: Tune's tuner.pkl, the searcher's state (searcher-state-*.pkl)
+# and Tune's experiment state (experiment_state-*.json holds pickled trials).
+UNPICKLED_ON_RESUME = ("*.pkl", "experiment_state*.json")
 
 
 class StorageError(ValueError):
@@ -80,6 +83,23 @@ class StudyStorage:
         if outcome[0] is not None:
             lines = [line for line in str(outcome[0]).splitlines() if line.strip()] or [type(outcome[0]).__name__]
             raise StorageError(f"--storage {self.root}: cannot reach it: {lines[0].strip()}")
+
+    def check_private(self, patterns: tuple[str, ...] = UNPICKLED_ON_RESUME) -> None:
+        """Raise :class:`StorageError` naming the first of the study folder and its files matching
+        ``patterns`` that another user owns or could have written (group- or world-writable): they are
+        unpickled on --resume, and a pickle runs code. (A URI's objects have no owner to check here: their
+        access is the bucket's policy.)"""
+        if self.remote:
+            return
+        paths = [self.local, *sorted({p for pattern in patterns for p in self.local.glob(pattern)})]
+        for path in paths:
+            info = path.stat()  # follows a link: what would be read
+            if info.st_uid != os.getuid():
+                raise StorageError(f"{path} belongs to another user (uid {info.st_uid}): --resume would unpickle "
+                                   f"what it holds; resume only a study this user wrote")
+            if info.st_mode & 0o022:
+                raise StorageError(f"{path} is writable by other users (mode {info.st_mode & 0o777:o}): --resume "
+                                   f"would unpickle what it holds; check it, then chmod go-w it")
 
     def exists(self) -> bool:
         """Whether the study folder exists (locally, or at the URI)."""

@@ -1,7 +1,10 @@
 """The study's Optuna record: one Optuna study per grid cell in an RDB storage (SQLite or PostgreSQL).
 
 Storage: ``sqlite:///<study folder>/optuna.db`` by default, or any SQLAlchemy URL (``--optuna-storage
-postgresql://user@head:5432/optuna``). Only the driver writes to it: :class:`study.search.searcher.StudySearcher`
+postgresql://user@head:5432/optuna``). A password in the URL stays in this process's memory
+(:func:`split_password`): the record keeps the URL without it, which is what study.json, the console and every
+pickle (the searcher's state, Tune's experiment state) hold; without one, libpq reads ``~/.pgpass``,
+``PGPASSFILE`` or ``PGPASSWORD`` itself. Only the driver writes to it: :class:`study.search.searcher.StudySearcher`
 creates each trial (RUNNING) when it hands the trial to Tune, and :class:`study.record.optuna.OptunaRecorder`, a Tune callback,
 writes what happens to it:
 
@@ -37,6 +40,42 @@ TUNE_ID_ATTR = "tune_trial_id"
 PLAN_INDEX_ATTR = "plan_index"  # grid / random: the trial's index in the plan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Password of each password-less storage URL this process was given: never pickled, never written.
+_PASSWORDS: dict[str, str] = {}
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``(url without its password, the password or None)``; a URL SQLAlchemy cannot parse is returned
+    as it is (opening it reports the error)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 (not a URL: nothing to split)
+        return url, None
+    if parsed.password is None:
+        return url, None
+    return parsed._replace(password=None).render_as_string(hide_password=False), str(parsed.password)
+
+
+def masked(url: str) -> str:
+    """The URL as printed: its password, if any, as ``***`` (SQLAlchemy's ``hide_password``)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url
+
+
+def _with_password(url: str) -> str:
+    password = _PASSWORDS.get(url)
+    if password is None:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
 
 
 def default_url(study_folder: Any) -> str:
@@ -87,10 +126,13 @@ def grid_distributions(space: SearchSpace, plans: Sequence[Mapping[str, Any]]) -
 
 class OptunaRecord:
     """Opens the study's Optuna studies in ``url`` (lazily; the objects are not pickled with the searcher
-    or the callback, only the URL and names)."""
+    or the callback, only the URL without its password and the names). ``url``'s password, if any, is kept
+    in this process only; an unpickled record finds it there when the driver was given it again."""
 
     def __init__(self, url: str, names: Sequence[str], direction: str) -> None:
-        self.url = url
+        self.url, password = split_password(url)
+        if password is not None:
+            _PASSWORDS[self.url] = password
         self.names = list(names)
         self.direction = direction
         self._storage: optuna.storages.BaseStorage | None = None
@@ -102,7 +144,8 @@ class OptunaRecord:
     @property
     def storage(self) -> optuna.storages.BaseStorage:
         if self._storage is None:
-            self._storage = optuna.storages.RDBStorage(self.url, engine_kwargs=_engine_kwargs(self.url))
+            self._storage = optuna.storages.RDBStorage(_with_password(self.url),
+                                                       engine_kwargs=_engine_kwargs(self.url))
         return self._storage
 
     def unique_names(self) -> list[str]:

@@ -69,6 +69,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: train the trial to the end (or until Tune stops it), in this process or in
     a TorchTrainer. A deterministic error (config or data) is reported once and raised, and not retried
     (see :mod:`study.trial.errors`)."""
+    os.umask(0o077)  # the trial's files owner-only, on any node
     cfg = setup.planned.get(params_key(config))
     if cfg is None:  # an Optuna trial: its values were drawn at run time
         try:

@@ -225,11 +225,13 @@ def rank_nodes() -> str:
 
 def run_in_trial(loop_config: dict[str, Any]) -> None:
     """The one-worker path: the loop in the Tune trial's own process."""
+    os.umask(0o077)  # checkpoints and trial files owner-only (Ray copies them with pyarrow, under this umask)
     run_loop(loop_config, TuneSession(loop_config.get("trial_folder")), entered_at=time.time())
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (several-worker trials)."""
+    os.umask(0o077)  # checkpoints owner-only (Ray Train copies them with pyarrow, under this umask)
     run_loop(loop_config, TrainSession(), entered_at=time.time())
 
 

@@ -13,6 +13,9 @@ job runs (the job would create a marker file; with the token the same request ru
 the token is refused by the head, the same driver with it connects, runs a task and reads the State API
 (what Ray Train's cleaner needs); the GCS answers a tokenless gRPC call UNAUTHENTICATED (the probe a driver's
 ``--address`` check can use) and the same call with the token; the dashboard listens on 127.0.0.1 only.
+A study driver (``python -m study.run --address``) without ``RAY_AUTH_MODE=token``, without a token or with
+a wrong one stops with one ``error:`` line, nothing written and no token printed; with the token its study
+runs on the head.
 """
 from __future__ import annotations
 
@@ -306,3 +309,52 @@ def test_dashboard_listens_on_loopback_only(head):
             if state == "0A" and int(port, 16) == head.dashboard_port:
                 listening.append(address)
     assert listening == ["0100007F"]  # 127.0.0.1, little-endian hex
+
+
+# ---- a study driver joining the head with --address ------------------------------------------------------
+
+STUDY_TIMEOUT_S = 400
+
+
+def _study(head: Head, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, Path, float]:
+    """``python -m study.run <tiny space> --address <head>`` in a fresh process with ``env``; returns the
+    process, the study folder and the seconds it took."""
+    from helpers import write_space
+
+    space = write_space(tmp_path, "joined", 1, {"optim.lr": {"type": "grid", "values": [1e-4]}})
+    storage = tmp_path / "studies"
+    started = time.time()
+    process = subprocess.run([sys.executable, "-m", "study.run", str(space), "--address", head.address,
+                              "--storage", str(storage)],
+                             env={**head.base_env, "MOREID_CACHE": str(tmp_path / "cache"), **env}, cwd=REPO,
+                             capture_output=True, text=True, timeout=STUDY_TIMEOUT_S)
+    return process, storage / "joined", time.time() - started
+
+
+@pytest.mark.parametrize("case", ["no auth mode", "no token", "wrong token"])
+def test_study_driver_without_the_right_token_stops_before_anything_starts(head, tmp_path, case):
+    env = {"no auth mode": {"HOME": str(head.stranger)},
+           "no token": {"HOME": str(head.stranger), "RAY_AUTH_MODE": "token"},
+           "wrong token": {"HOME": str(head.home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}}[case]
+    process, study, seconds = _study(head, tmp_path, env)
+    print(f"{case}: exit {process.returncode} in {seconds:.1f} s")
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert process.returncode == 2 and len(lines) == 1, process.stderr[-3000:]
+    expected = {"no auth mode": "the Ray cluster there uses token authentication: set RAY_AUTH_MODE=token",
+                "no token": f"no token found (looked in RAY_AUTH_TOKEN (unset) and {head.stranger}/.ray/auth_token)",
+                "wrong token": "the cluster refused this token (from RAY_AUTH_TOKEN)"}[case]
+    assert lines[0].startswith(f"error: --address {head.address}: ") and expected in lines[0], lines[0]
+    output = process.stdout + process.stderr
+    assert head.token not in output and "0" * 64 not in output  # no token is ever printed
+    assert not study.exists() and "Ray at" not in process.stdout
+
+
+def test_study_driver_with_the_token_runs_its_study_on_the_head(head, tmp_path):
+    process, study, seconds = _study(head, tmp_path, {"HOME": str(head.home), "RAY_AUTH_MODE": "token"})
+    print(f"a one-trial study on the token-authenticated head: exit {process.returncode} in {seconds:.0f} s")
+    assert process.returncode == 0, (process.stdout[-3000:], process.stderr[-3000:])
+    assert f"Ray at {head.address}" in process.stdout
+    rows = (study / "results.csv").read_text().splitlines()
+    assert len(rows) == 2 and "TERMINATED" in rows[1], rows
+    assert head.token not in process.stdout + process.stderr
+    assert os.stat(study).st_mode & 0o777 == 0o700

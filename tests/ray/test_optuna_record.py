@@ -2,12 +2,17 @@
 COMPLETE trials with per-epoch intermediate values into SQLite (``optuna.db``), agreeing with results.csv
 trial by trial; importances computed from that finished study; the same study kind recorded in a real
 PostgreSQL 15 server that the test starts on 127.0.0.1 in a temporary folder; bad storage URLs refused
-before Ray starts. (A killed driver resumed from the database: tests/test_study_ray.py.)
+before Ray starts; a password in the storage URL (a role the server checks with scram-sha-256) reaches no
+file of the study, no pickle and no console line, and a resume reads it from PGPASSFILE. (A killed driver
+resumed from the database: tests/ray/test_study_ray.py.)
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import shutil
+import stat
 import socket
 import subprocess
 import sys
@@ -25,7 +30,9 @@ from helpers import free_port, read_csv, write_space
 
 pytestmark = pytest.mark.usefixtures("ray_env")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+REPO = Path(__file__).resolve().parents[2]
 STATE_OF = {"TERMINATED": "COMPLETE", "STOPPED": "PRUNED", "ERROR": "FAIL"}
+PG_ROLE, PG_PASSWORD = "moreid", "pw-Zq7Xk2Lm9Vb4sRt"  # a role that must give its password (scram-sha-256)
 
 
 def optuna_space(folder: Path, name: str, epochs: int, trials: int, **fields) -> Path:
@@ -108,7 +115,8 @@ def _as_postgres() -> list[str]:
 
 @pytest.fixture()
 def postgres():
-    """A PostgreSQL 15 server on 127.0.0.1 in a temporary folder (trust authentication); yields its URL."""
+    """A PostgreSQL 15 server on 127.0.0.1 in a temporary folder; yields the URL of its superuser (trust
+    authentication). Role PG_ROLE, owner of the database, must give PG_PASSWORD (scram-sha-256)."""
     if not (PG_BIN / "initdb").is_file():
         pytest.fail(f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing): .ci/run installs postgresql-15")
     folder = Path(tempfile.mkdtemp(prefix="moreid-pg-", dir="/tmp"))
@@ -119,6 +127,8 @@ def postgres():
     prefix = _as_postgres()
     subprocess.run([*prefix, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
                     "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+    hba = data / "pg_hba.conf"  # the first matching line applies: PG_ROLE's password is checked
+    hba.write_text(f"host all {PG_ROLE} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
     server = subprocess.Popen([*prefix, str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
                                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -128,8 +138,11 @@ def postgres():
                              capture_output=True).returncode != 0:
             assert server.poll() is None and time.time() < deadline, "PostgreSQL did not start"
             time.sleep(0.3)
-        subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna"],
+        subprocess.run([str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
+                        f"CREATE ROLE {PG_ROLE} LOGIN PASSWORD '{PG_PASSWORD}'"],
                        check=True, capture_output=True, timeout=60)
+        subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                        "-O", PG_ROLE, "optuna"], check=True, capture_output=True, timeout=60)
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
     finally:
         server.terminate()  # smart shutdown; the test's connections are closed by then
@@ -178,6 +191,112 @@ def test_unreachable_or_unknown_storage_is_refused_before_ray(tmp_path, capsys):
         assert f"cannot open the Optuna storage {url}" in captured.err and words in captured.err
         assert "Ray started" not in captured.out
     assert not (tmp_path / "studies" / "bad" / "study.json").exists()
+
+
+def _holding(folder: Path, secret: bytes) -> list[str]:
+    """Every file under ``folder`` (binary ones too: pickles) whose bytes hold ``secret``."""
+    return [str(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and secret in p.read_bytes()]
+
+
+def _pgpass(folder: Path, url: str, password: str | None) -> Path:
+    """A libpq password file for ``url``'s host and port (0600, as libpq demands); ``password`` None: an
+    empty file."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    path = folder / "pgpass"
+    path.write_text(f"127.0.0.1:{port}:optuna:{PG_ROLE}:{password}\n" if password else "")
+    path.chmod(0o600)
+    return path
+
+
+def test_password_reaches_no_file_pickle_or_console_line(tmp_path, postgres, capsys, monkeypatch):
+    """--optuna-storage with a password: the password is used (the server demands it) but reaches no
+    console line, no file of the study folder (study.json, Tune's pickles, the searcher state, results,
+    TensorBoard) and no Optuna record. The study folder, and the storage root it made, are owner-only, its
+    checkpoints 0600. A resume without the password reads it from PGPASSFILE; without it, it is refused."""
+    secret = PG_PASSWORD.encode()
+    monkeypatch.setenv("PGPASSFILE", str(_pgpass(tmp_path, postgres, None)))  # no password from a file here
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    with_password = postgres.replace("postgres@", f"{PG_ROLE}:{PG_PASSWORD}@")
+    without = postgres.replace("postgres@", f"{PG_ROLE}@")
+    space = write_space(tmp_path, "pw", 2, {"optim.lr": {"type": "grid", "values": [1e-4]}})
+    root = tmp_path / "studies"
+    start = time.time()
+    assert run.main([str(space), "--storage", str(root), "--optuna-storage", with_password]) == 0
+    captured = capsys.readouterr()
+    with capsys.disabled():
+        print(f"study with a password URL: {time.time() - start:.0f} s")
+    study = root / "pw"
+    assert PG_PASSWORD not in captured.out + captured.err
+    assert f"optuna-dashboard {without}" in captured.out  # the URL that works with a password file
+    assert (study / "tuner.pkl").is_file() and list(study.glob("searcher-state-*.pkl"))  # the pickles exist
+    assert _holding(study, secret) == []
+    assert json.loads((study / "study.json").read_text())["optuna_storage"] == without
+    (trial,) = optuna.load_study(study_name="pw", storage=with_password).get_trials()
+    assert trial.state == TrialState.COMPLETE and PG_PASSWORD not in repr(trial.user_attrs)
+
+    # Owner-only: the storage root the study made, the study folder, no group/world-writable entry,
+    # checkpoints 0600.
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700 and stat.S_IMODE(study.stat().st_mode) == 0o700
+    assert [str(p) for p in study.rglob("*") if p.stat().st_mode & 0o022] == []
+    checkpoints = list(study.rglob("checkpoint.pt"))
+    assert checkpoints and {stat.S_IMODE(p.stat().st_mode) for p in checkpoints} == {0o600}
+
+    # A new driver (a fresh process: the first one's memory is gone) resuming with the URL study.json holds,
+    # without the password: refused when nothing gives it (one line, exit 2, before Ray) ...
+    resume = [sys.executable, "-m", "study.run", str(space), "--storage", str(root), "--resume"]
+    env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+    refused = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
+    assert "cannot open the Optuna storage" in lines[0] and "password" in lines[0], lines[0]
+    # ... and carried on when libpq reads it from PGPASSFILE.
+    env["PGPASSFILE"] = str(_pgpass(tmp_path, postgres, PG_PASSWORD))
+    start = time.time()
+    resumed = subprocess.run([*resume, "--optuna-storage", without], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+    with capsys.disabled():
+        print(f"resumed in a new driver with PGPASSFILE: {time.time() - start:.0f} s")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the study" in resumed.stdout and PG_PASSWORD not in resumed.stdout + resumed.stderr
+    assert _holding(study, secret) == []
+
+    # The same study with the password in the URL again: the URLs match once the password is stripped.
+    assert run.main([str(space), "--storage", str(root), "--resume", "--optuna-storage", with_password]) == 0
+    captured = capsys.readouterr()
+    assert PG_PASSWORD not in captured.out + captured.err and _holding(study, secret) == []
+
+    # A pickle of the study that another user could have rewritten is not unpickled: exit 2 naming it.
+    pickled = sorted(study.glob("searcher-state-*.pkl"))[-1]
+    pickled.chmod(pickled.stat().st_mode | stat.S_IWGRP)
+    assert run.main([str(space), "--storage", str(root), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{pickled} is writable by other users" in err, err
+
+
+def test_wrong_or_unreachable_password_url_is_one_line_without_the_password(tmp_path, postgres, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setenv("PGPASSFILE", str(_pgpass(tmp_path, postgres, None)))
+    space = write_space(tmp_path, "pwbad", 1, {"optim.lr": {"type": "grid", "values": [1e-4]}})
+    port = free_port()  # nothing listens there
+    unreachable = f"postgresql+psycopg2://{PG_ROLE}:{PG_PASSWORD}@127.0.0.1:{port}/optuna"
+    wrong = postgres.replace("postgres@", f"{PG_ROLE}:{PG_PASSWORD}x@")
+    for url, words in ((unreachable, "Connection refused"), (wrong, "password authentication failed")):
+        assert run.main([str(space), "--storage", str(tmp_path / "studies"), "--optuna-storage", url]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1 and words in captured.err, captured.err
+        assert PG_PASSWORD not in captured.out + captured.err
+        assert f"{PG_ROLE}:***@127.0.0.1" in captured.err  # masked, as SQLAlchemy's hide_password
+    assert not (tmp_path / "studies" / "pwbad" / "study.json").exists()
+
+
+def test_pickled_record_holds_no_password_and_opens_with_it_in_memory(postgres):
+    from study.search.optuna_record import OptunaRecord
+
+    record = OptunaRecord(postgres.replace("postgres@", f"{PG_ROLE}:{PG_PASSWORD}@"), ["r"], "max")
+    record.create([{}])
+    data = pickle.dumps(record)
+    assert PG_PASSWORD.encode() not in data and record.url == postgres.replace("postgres@", f"{PG_ROLE}@")
+    assert pickle.loads(data).existing() == ["r"]  # this process was given the password: it opens
 
 
 # ---- the dashboards, as a person sees them in a browser -------------------------------------------------
