@@ -80,7 +80,7 @@ def test_loss_comparison_mean_std_over_seeds_and_dashes(tmp_path):
     single = table.cell(("Triplet", "Baseline"), "mAP")
     assert (single.n, single.mean, single.std, single.ours_text()) == (1, 70.0, None, "70.00")
     # The ERROR trial and the RUNNING one never count: their cells are dashes, and a note counts them.
-    for row in (("N-pair", "Baseline"), ("N-pair", "MoReID"), ("Ranked List", "MoReID")):
+    for row in (("N-pair", "Baseline"), ("N-pair", "MoReID"), ("Ranked List (untuned α/β)", "MoReID")):
         cell = table.cell(row, "mAP")
         assert cell.mean is None and cell.n == 0 and cell.ours_text() == "—"
     assert any("1 ERROR, 1 RUNNING" in note for note in table.notes)
@@ -438,17 +438,61 @@ def _claim_rows(he: list[float], tri: list[float], *, dataset: str = "synthetic"
             + [trial("bhe", 50.0, {**data, "loss.name": "he", "framework.name": "baseline"})])
 
 
-def test_t_quantile_and_welch_interval_match_textbook_values():
-    from study.results.directions import t_quantile, welch_interval
-    for df, expected in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (1e6, 1.9600)):
-        assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
-    # Equal n and variances: Welch's df is 2(n - 1) = 4 and the half-width t * sqrt(2 s^2 / n).
+def _welch_by_hand(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Welch–Satterthwaite written out: (low, high, two-sided p), with only SciPy's t distribution."""
+    from scipy.stats import t as student
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    diff = a.mean() - b.mean()
+    half = student.ppf(0.5 + confidence / 2, df) * se
+    return diff - half, diff + half, 2 * student.sf(abs(diff) / se, df)
+
+
+def test_welch_interval_and_p_value_match_a_hand_written_formula_and_textbook_values():
+    from study.results.directions import welch, welch_interval
+    # Unequal sizes and variances (the case Welch's correction exists for).
+    a, b = [27.3, 23.5, 31.1, 29.9], [33.4, 32.3, 31.2, 36.7, 35.0]
+    test = welch(a, b)
+    low, high, p = _welch_by_hand(a, b)
+    assert (test.low, test.high, test.p_value) == (pytest.approx(low, rel=1e-12), pytest.approx(high, rel=1e-12),
+                                                   pytest.approx(p, rel=1e-10))
+    assert test.diff == pytest.approx(np.mean(a) - np.mean(b))
+    # Equal n and variances: Welch's df is 2(n - 1) = 4 and the half-width t(0.975, 4) * sqrt(2 s^2 / n) with the
+    # tabled t = 2.7764; t = 1 / sqrt(2/3) = 1.2247 on 4 df has the tabled two-sided p = 0.2879.
     low, high = welch_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
     half = 2.7764 * math.sqrt(2 / 3)
     assert (low, high) == (pytest.approx(1 - half, abs=1e-3), pytest.approx(1 + half, abs=1e-3))
+    equal = welch([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    assert equal.df == pytest.approx(4.0) and equal.p_value == pytest.approx(0.2879, abs=1e-4)
+    # The per-claim verdict and the test agree: the 95 % interval excludes 0 exactly when p < 0.05.
+    for shift in (0.5, 1.5, 2.0, 2.5, 3.0, 4.0):
+        test = welch([v + shift for v in (1.0, 2.0, 3.0)], [0.0, 1.0, 2.0])
+        assert (test.low > 0) == (test.p_value < 0.05), shift
+    # No spread on either side: the difference itself, and p 0 (differing means) or 1 (equal ones).
     assert welch_interval([2.0, 2.0], [1.0, 1.0]) == (1.0, 1.0)
+    assert (welch([2.0, 2.0], [1.0, 1.0]).p_value, welch([1.0, 1.0], [1.0, 1.0]).p_value) == (0.0, 1.0)
     with pytest.raises(ValueError, match="at least 2 values per side"):
         welch_interval([1.0], [1.0, 2.0])
+
+
+def test_holm_adjustment_on_a_known_example():
+    from study.results.directions import holm, holm_verdict
+    # Sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> running max 0.06.
+    adjusted = holm([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # At family-wise 0.05 Holm rejects the two smallest (0.005 <= 0.05/4, 0.01 <= 0.05/3) and stops at
+    # 0.03 > 0.05/2, although 0.03 and 0.04 are below 0.05 alone.
+    assert [a <= 0.05 for a in adjusted] == [True, False, False, True]
+    assert holm([0.2, 0.6]) == pytest.approx([0.4, 0.6]) and holm([0.9, 0.3]) == pytest.approx([0.9, 0.6])
+    assert holm([]) == [] and holm([0.03]) == [0.03]
+    assert holm([0.5, 0.5, 0.5]) == [1.0, 1.0, 1.0]  # capped at 1
+    with pytest.raises(ValueError, match="p-values must lie in"):
+        holm([0.1, 1.5])
+    assert (holm_verdict(+2.0, 0.02), holm_verdict(-2.0, 0.02), holm_verdict(-2.0, 0.06)) == (
+        "reproduced", "contradicted", "inconclusive")
+    assert holm_verdict(None, None) == "inconclusive"
 
 
 def test_directions_verdicts_reproduced_contradicted_inconclusive(tmp_path):
@@ -512,7 +556,7 @@ def test_cmc_legend_names_framework_and_loss_and_disambiguates_keys():
 
     labels = _labels([{"framework.name": "baseline", "loss.name": "he", "loss.normalize": False},
                       {"framework.name": "moreid", "loss.name": "ranked_list", "loss.normalize": True}])
-    assert labels == ["Baseline + HE, normalize=False", "MoReID + Ranked List, normalize=True"]
+    assert labels == ["Baseline + HE, normalize=False", "MoReID + Ranked List (untuned α/β), normalize=True"]
     both = _labels([{"optim.lr": 0.001, "data.height": 64, "model.height": 3},
                     {"optim.lr": 0.003, "data.height": 32, "model.height": 4}])
     assert both[0] == "lr=0.001, data.height=64, model.height=3"  # two keys end in "height": full names
