@@ -571,3 +571,128 @@ def test_cmc_legend_names_framework_and_loss_and_disambiguates_keys():
                     {"framework.name": "baseline", **{f"loss.knob{i}": i + 1 for i in range(12)}}])
     assert all(len(line.rstrip(",")) <= 60 for label in long for line in label.split("\n"))  # wrapped, not cut
     assert long[0].replace(",\n", ", ").endswith("knob11=11")
+
+
+# ---- directions: p-values, Holm's correction, untuned Ranked List, regimes side by side -----------------
+
+def _many_claims(he: list[float], tri: list[float], rl: list[float], npair: list[float], *, study: str = "s",
+                 dataset: str = "synthetic") -> list[dict]:
+    """MoReID HE against MoReID Triplet, Ranked List and N-pair (three claims), seeds given per cell."""
+    data = {"data.dataset": dataset}
+    return (seeds("he", he, {**data, **HE_MOREID}, study=study)
+            + seeds("tri", tri, {**data, "loss.name": "triplet", "framework.name": "moreid"}, study=study)
+            + seeds("rl", rl, {**data, "loss.name": "ranked_list", "framework.name": "moreid"}, study=study)
+            + seeds("np", npair, {**data, "loss.name": "npair", "framework.name": "moreid"}, study=study))
+
+
+def test_directions_give_p_values_and_holm_verdicts_that_can_differ_from_the_per_claim_ones(tmp_path):
+    from study.results.directions import build_directions, holm, render_directions, welch
+    he, tri, rl, npair = [50.0, 52.0, 54.0], [40.0, 41.0, 42.0], [45.0, 47.0, 49.0], [49.0, 51.5, 53.0]
+    (table,) = build_directions(load_results(write_study(tmp_path / "s", _many_claims(he, tri, rl, npair))))
+    rows = {r.claim.name: r for r in table.rows}
+    assert set(rows) == {"HE beats Triplet (MoReID)", "HE beats Ranked List (MoReID)", "HE beats N-pair (MoReID)"}
+    expected = {name: welch(he, other).p_value for name, other in (("HE beats Triplet (MoReID)", tri),
+                                                                  ("HE beats Ranked List (MoReID)", rl),
+                                                                  ("HE beats N-pair (MoReID)", npair))}
+    adjusted = dict(zip(expected, holm(list(expected.values()))))
+    for name, row in rows.items():
+        assert row.p_value == pytest.approx(expected[name]) and row.p_holm == pytest.approx(adjusted[name])
+    # Ranked List: p between 0.05 / 2 and 0.05, so reproduced alone but not after Holm over three claims.
+    ranked = rows["HE beats Ranked List (MoReID)"]
+    assert 0.025 < ranked.p_value < 0.05 and ranked.verdict == "reproduced"
+    assert ranked.verdict_holm == "inconclusive"
+    assert (rows["HE beats Triplet (MoReID)"].verdict, rows["HE beats Triplet (MoReID)"].verdict_holm) == (
+        "reproduced", "reproduced")
+    assert rows["HE beats N-pair (MoReID)"].verdict_holm == "inconclusive"
+    lines = list(csv.DictReader(io.StringIO(render_directions([table], "csv"))))
+    line = next(r for r in lines if r["claim"] == "HE beats Ranked List (MoReID)")
+    assert float(line["p_value"]) == pytest.approx(ranked.p_value, rel=1e-3)
+    assert float(line["p_holm"]) == pytest.approx(ranked.p_holm, rel=1e-3)
+    assert (line["verdict"], line["verdict_holm"]) == ("reproduced", "inconclusive")
+    md = render_directions([table], "md")
+    assert "| p | Verdict | Holm |" in md and "over this table's 3 tested claim(s)" in md
+    md_row = next(line for line in md.splitlines() if line.startswith("| HE beats Ranked List (MoReID) |"))
+    assert f"| {ranked.p_value:.3f} | reproduced [1] | inconclusive ({ranked.p_holm:.3f}) |" in md_row
+
+
+def test_ranked_list_is_marked_untuned_in_every_table_claim_legend_and_summary(tmp_path):
+    from study.results.directions import build_directions, render_directions
+    from study.results.summary import closing_summary
+    rows = _many_claims([50.0, 52.0, 54.0], [40.0, 41.0, 42.0], [30.0, 31.0, 32.0], [49.0, 51.5, 53.0])
+    frame = load_results(write_study(tmp_path / "s", rows))
+    (directions,) = build_directions(frame)
+    ranked = next(r for r in directions.rows if "Ranked List" in r.claim.name)
+    assert ranked.worse.label == "MoReID Ranked List (untuned α/β)"
+    assert any("not chosen on a validation split" in note for note in ranked.notes)
+    others = [r for r in directions.rows if "Ranked List" not in r.claim.name]
+    assert others and not any("untuned" in r.worse.label or "validation" in r.note for r in others)
+    md = render_directions([directions], "md")
+    assert "MoReID Ranked List (untuned α/β): 31.00 ± 1.00 (n=3)" in md
+    assert md.count("not chosen on a validation split") == 1  # one footnote, however many rows cite it
+    table = build_table("loss_comparison", frame)
+    assert table.cell(("Ranked List (untuned α/β)", "MoReID"), "mAP").mean == 31.0
+    assert any("not chosen on a validation split" in note for note in table.notes)
+    assert any("read on the test split" in note for note in build_table("ranked_list", frame).notes)
+    # The closing summary marks a Ranked List cell, and only it.
+    summary = closing_summary(frame.assign(**{"best_mAP": frame["best_mAP"].where(
+        frame["loss.name"] != "ranked_list", 99.0)}), ["loss.name", "train.seed"])
+    assert summary[0].startswith("winner: loss.name=ranked_list (untuned α/β): mAP 99.00")
+    assert summary[1].startswith("runner-up: loss.name=he: mAP 52.00")
+
+
+def test_two_regimes_side_by_side_claim_by_claim_md_and_csv(tmp_path):
+    random_init = write_study(tmp_path / "fidelity", _many_claims(
+        [30.0, 31.0, 32.0], [36.0, 37.0, 38.0], [10.0, 12.0, 14.0], [39.0, 40.0, 41.0], study="fidelity"))
+    pretrained = write_study(tmp_path / "fidelity_pretrained", _many_claims(
+        [80.0, 81.0, 82.0], [76.0, 77.0, 78.0], [70.0, 71.0, 72.0], [79.0, 80.5, 82.0], study="fidelity_pretrained")
+        # a claim only this regime tests: MoReID beats the baseline with HE
+        + seeds("bhe", [78.0, 79.0, 80.0], {"data.dataset": "synthetic", "loss.name": "he",
+                                            "framework.name": "baseline"}, study="fidelity_pretrained"))
+    out = tmp_path / "side.md"
+    done = _cli(str(random_init), str(pretrained), "--table", "directions", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    md = out.read_text()
+    assert "## Directions by regime: fidelity vs fidelity_pretrained (ours on synthetic)" in md
+    assert "| Claim | Paper Δ | fidelity: Δ | fidelity: 95 % interval | fidelity: verdict | fidelity: Holm |" in md
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in md.splitlines()
+            if line.startswith("| HE beats") or line.startswith("| MoReID beats")}
+    triplet = rows["HE beats Triplet (MoReID)"]
+    half = 2.7764 * math.sqrt(2 / 3)  # both sides sd 1, n 3: Welch's df 4, tabled t(0.975, 4)
+    assert triplet[2:4] == ["-6.00", f"[{-6 - half:+.2f}, {-6 + half:+.2f}]"] and triplet[4] == "contradicted"
+    assert triplet[6:8] == ["+4.00", f"[{4 - half:+.2f}, {4 + half:+.2f}]"] and triplet[8] == "reproduced"
+    assert triplet[-1] == "yes |"
+    assert rows["HE beats Ranked List (MoReID)"][4].startswith("reproduced")
+    assert rows["HE beats Ranked List (MoReID)"][-1] == "no |"
+    framework = rows["MoReID beats baseline (HE)"]
+    assert framework[2:6] == ["—"] * 4 and framework[6] == "+2.00" and framework[-1] == "— |"
+    assert "MoReID Ranked List (untuned α/β)" in md
+    done = _cli(str(random_init), str(pretrained), "--table", "directions", "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    lines = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert list(lines[0])[:2] == ["regime", "claim"] and {"p_value", "p_holm", "verdict_holm"} <= set(lines[0])
+    by = {(r["regime"], r["claim"]): r for r in lines}
+    assert len(lines) == 3 + 4  # three claims in the random-init regime, four in the pretrained one
+    old, new = by[("fidelity", "HE beats Triplet (MoReID)")], by[("fidelity_pretrained", "HE beats Triplet (MoReID)")]
+    assert (old["diff"], old["verdict"], new["diff"], new["verdict"]) == ("-6", "contradicted", "4", "reproduced")
+    assert (old["better_mean"], old["worse_mean"], new["better_n"]) == ("31", "37", "3")
+    # --pooled reads both folders as one regime: the old single table, with both studies' trials together.
+    done = _cli(str(random_init), str(pretrained), "--table", "directions", "--format", "csv", "--pooled")
+    pooled = {r["claim"]: r for r in csv.DictReader(io.StringIO(done.stdout))}
+    assert done.returncode == 0 and "regime" not in next(iter(pooled.values()))
+    assert pooled["HE beats Triplet (MoReID)"]["better_n"] == "6"
+    # The same folder twice is one regime: the plain table.
+    done = _cli(str(random_init), str(random_init / "results.csv"), "--table", "directions")
+    assert done.returncode == 0 and "Directions: the paper's claims" in done.stdout
+
+
+def test_regimes_label_by_folder_when_study_names_repeat(tmp_path):
+    from study.results.regimes import build_regimes, regime_label, unique_labels
+    a = load_results(write_study(tmp_path / "a", _claim_rows([60.0, 61.0, 62.0], [50.0, 51.0, 52.0])))
+    b = load_results(write_study(tmp_path / "b", _claim_rows([40.0, 41.0, 42.0], [50.0, 51.0, 52.0])))
+    labels = unique_labels([regime_label(a, "a"), regime_label(b, "b")], ["a", "b"])
+    assert labels == ["a", "b"]  # both studies are named "s"
+    (comparison,) = build_regimes([a, b], labels)
+    claim = next(c for c in comparison.claims if c.name == "HE beats Triplet (MoReID)")
+    assert [r.verdict for r in claim.by_regime] == ["reproduced", "contradicted"] and claim.changes
+    with pytest.raises(ResultsError, match="at least 2 regimes"):
+        build_regimes([a], ["a"])
