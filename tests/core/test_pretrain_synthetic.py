@@ -44,6 +44,17 @@ def test_made_once_deterministic_and_loaded_strictly_through_model_pretrained(tm
     report = model.backbone.pretrained_report
     assert report.form == "backbone-prefixed" and report.loaded == len(a)
     assert torch.equal(model.backbone.state_dict()["conv1.weight"], a["backbone.conv1.weight"])
+    # model.pretrained: synthetic names the default recipe's file in pretrained_cache; found there, it is
+    # loaded, not made again (a toy file stands in for it: the backbone's shapes do not depend on the data).
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stand_in = cache / SyntheticPretrain().file_name()
+    stand_in.write_bytes(first.read_bytes())
+    cfg = ModelConfig(arch="resnet18", pretrained="synthetic", pretrained_cache=str(cache))
+    model = build_model(cfg, num_classes=5)
+    assert model.backbone.pretrained_report.path == str(stand_in)
+    assert torch.equal(model.backbone.state_dict()["conv1.weight"], a["backbone.conv1.weight"])
+    assert sorted(p.name for p in cache.iterdir()) == [stand_in.name]  # nothing trained, no lock taken
 
 
 def test_key_follows_every_setting_and_the_study_seed_is_refused(tmp_path):
