@@ -17,7 +17,7 @@ from study.space import SPACES_DIR, SpaceError, load_space, parse_space, plan, v
 
 SPACE_FILES = sorted(SPACES_DIR.glob("*.yaml"))
 EXPECTED_SPACES = {"quickstart", "loss_comparison", "npair_k", "ranked_list", "he_loss", "past_positives",
-                   "similarity", "backbone", "dictionary_size", "datasets", "fidelity"}
+                   "similarity", "backbone", "dictionary_size", "datasets", "fidelity", "fidelity_pretrained"}
 
 
 def small(**changes) -> dict:
