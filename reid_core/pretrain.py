@@ -156,7 +156,7 @@ def pretrain(recipe: SyntheticPretrain, out: str | os.PathLike, data_cache: str 
                 loss.backward()
                 optim.step()
                 schedule.step()
-                last_loss = float(loss)
+                last_loss = float(loss.detach())
                 correct += int((logits.argmax(1) == labels[idx]).sum())
                 seen += len(idx)
             log.info("pretraining epoch %d/%d: loss %.3f, train accuracy %.1f %%", epoch + 1, recipe.epochs,
