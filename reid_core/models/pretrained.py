@@ -184,9 +184,6 @@ def resolve_pretrained(spec: str, arch: str, *, ibn: bool, cache_dir: str | os.P
             raise PretrainedError(f"model.pretrained: no official ImageNet weights known for {kind}; "
                                   f"give a local weights file instead")
         return fetch_weights(source, cache_dir or default_cache_dir())
-    if spec == "synthetic":  # pretrained here on synthetic identities, made once (reid_core.pretrain)
-        from reid_core.pretrain import SyntheticPretrain, ensure_pretrained  # it imports this module
-        return ensure_pretrained(SyntheticPretrain(arch=arch, ibn=bool(ibn)), cache_dir)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained: weights file not found: {path}")
