@@ -89,7 +89,8 @@ def _weights(cfg: ModelConfig) -> Path | None:
     """The local file ``cfg.pretrained`` means: ``synthetic`` is made here once (reid_core.pretrain's recipe
     for ``cfg.arch``), the rest as :func:`resolve_pretrained` says."""
     if cfg.pretrained == "synthetic":
-        from reid_core.pretrain import SyntheticPretrain, ensure_pretrained  # here: it imports reid_core.models, whose __init__ imports this module
+        # Imported here: reid_core.pretrain imports reid_core.models, whose __init__ imports this module.
+        from reid_core.pretrain import SyntheticPretrain, ensure_pretrained
         return ensure_pretrained(SyntheticPretrain(arch=cfg.arch, ibn=cfg.ibn), cfg.pretrained_cache or None)
     return resolve_pretrained(cfg.pretrained, cfg.arch, ibn=cfg.ibn, cache_dir=cfg.pretrained_cache or None)
 
