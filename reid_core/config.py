@@ -72,7 +72,8 @@ class ModelConfig:
     pooling: str = "gem"  # gem | avg
     gem_p: float = 3.0
     # "" = random init; a local file (torchvision, IBN-Net or FastReID form); or "imagenet": the official
-    # ImageNet file for arch/ibn, fetched once into pretrained_cache and SHA-256 checked
+    # ImageNet file for arch/ibn, fetched once into pretrained_cache and SHA-256 checked; or "synthetic":
+    # pretrained here on synthetic identities (reid_core.pretrain), made once into pretrained_cache
     pretrained: str = ""
     pretrained_cache: str = ""  # folder of fetched weights; empty = $MOREID_CACHE/weights or ~/.cache/moreid/weights
     test_feature: str = "after_bn"  # before_bn | after_bn (BNNeck)
@@ -249,8 +250,8 @@ class Config:
         if not 0 <= m.cls_margin < 1:
             raise ConfigError(f"model.cls_margin must be in [0, 1), got {m.cls_margin}")
         _choice("model.non_local_form", m.non_local_form, NON_LOCAL_FORMS)
-        if m.pretrained and m.pretrained != "imagenet" and not Path(m.pretrained).is_file():
-            raise ConfigError(f"model.pretrained must be '', 'imagenet' or a weights file; file not found: "
+        if m.pretrained and m.pretrained not in ("imagenet", "synthetic") and not Path(m.pretrained).is_file():
+            raise ConfigError(f"model.pretrained must be '', 'imagenet', 'synthetic' or a weights file; file not found: "
                               f"{m.pretrained}")
         if m.pretrained_cache and Path(m.pretrained_cache).exists() and not Path(m.pretrained_cache).is_dir():
             raise ConfigError(f"model.pretrained_cache must be a folder, got the file {m.pretrained_cache}")

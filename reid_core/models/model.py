@@ -85,13 +85,23 @@ class ReIDModel(nn.Module):
         return feat if self.test_feature == "before_bn" else bn_feat
 
 
+def _weights(cfg: ModelConfig) -> Path | None:
+    """The local file ``cfg.pretrained`` means: ``synthetic`` is made here once (reid_core.pretrain's recipe
+    for ``cfg.arch``), the rest as :func:`resolve_pretrained` says."""
+    if cfg.pretrained == "synthetic":
+        # Imported here: reid_core.pretrain imports reid_core.models, whose __init__ imports this module.
+        from reid_core.pretrain import SyntheticPretrain, ensure_pretrained
+        return ensure_pretrained(SyntheticPretrain(arch=cfg.arch, ibn=cfg.ibn), cfg.pretrained_cache or None)
+    return resolve_pretrained(cfg.pretrained, cfg.arch, ibn=cfg.ibn, cache_dir=cfg.pretrained_cache or None)
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> ReIDModel:
     """The :class:`ReIDModel` described by ``cfg`` with a classifier over ``num_classes`` identities.
 
     ``model.pretrained: imagenet`` is resolved here too (a cached file is checked, not fetched again);
     a study's driver resolves it before the trials start (:func:`check_pretrained`).
     """
-    weights = resolve_pretrained(cfg.pretrained, cfg.arch, ibn=cfg.ibn, cache_dir=cfg.pretrained_cache or None)
+    weights = _weights(cfg)
     backbone = build_backbone(cfg.arch, last_stride=cfg.last_stride, ibn=cfg.ibn, non_local=cfg.non_local,
                               pretrained=weights or "", non_local_form=cfg.non_local_form)
     return ReIDModel(backbone, num_classes, pooling=cfg.pooling, gem_p=cfg.gem_p, test_feature=cfg.test_feature,
@@ -102,7 +112,7 @@ def check_pretrained(cfg: ModelConfig) -> tuple[Path | None, PretrainedReport | 
     """Resolve ``cfg.pretrained`` (fetching ``imagenet`` once) and load it into a CPU backbone of ``cfg``'s
     architecture: ``(local file, report)``, or ``(None, None)`` for random initialization. Raises the
     loader's errors, so a driver calling it finds a bad file before any trial starts."""
-    weights = resolve_pretrained(cfg.pretrained, cfg.arch, ibn=cfg.ibn, cache_dir=cfg.pretrained_cache or None)
+    weights = _weights(cfg)
     if weights is None:
         return None, None
     backbone = build_backbone(cfg.arch, last_stride=cfg.last_stride, ibn=cfg.ibn, non_local=cfg.non_local,

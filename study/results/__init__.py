@@ -5,7 +5,10 @@ Public API: :func:`write_report` (``results.md`` + ``plots/``, called by the dri
 :func:`report_tables` returning
 :class:`Table` objects, :func:`render` (md, csv, latex) and :func:`write_plots`. CLI:
 ``python -m study.results <study dir>... [--table NAME|all] [--format md|csv|latex] [--out FILE]
-[--plots DIR] [--metric best|final]``. Matching rules: docs/results.md.
+[--plots DIR] [--metric best|final] [--pooled]``: several folders are combined, except for
+``--table directions``, which puts them side by side, one regime each (:mod:`study.results.regimes`).
+The directions' statistics (Welch, Holm) are in :mod:`study.results.directions`; the losses marked untuned
+in every table, legend and summary in :mod:`study.results.untuned`. Matching rules: docs/results.md.
 """
 from study.results.load import ResultsError, load_results, read_results
 from study.results.plots import write_plots

@@ -10,6 +10,13 @@ difference with a 95 % Welch interval, and a verdict:
 - ``contradicted``: the interval lies below 0 (the other side is better);
 - ``inconclusive``: the interval holds 0, or a side has fewer than 2 seeds (no interval).
 
+The interval and the p-value are Welch's (SciPy's ``ttest_ind(equal_var=False)`` and its
+``confidence_interval``); the per-claim verdict is that test at 0.05 read alone. A table reads several
+claims at once, so each claim also gets Holm's step-down correction over the table's tested claims
+(family-wise error 0.05): ``verdict_holm`` is reproduced / contradicted only when the Holm-adjusted p-value
+is at most 0.05, the sign of the difference saying which. Claims with an untuned side (Ranked List:
+:mod:`study.results.untuned`) carry the mark in the side's label and a note.
+
 A claim appears when both of its sides have at least one counted trial. Differences are of absolute
 metrics (percent points), so they compare across datasets in sign, not in size.
 """
@@ -23,19 +30,23 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from study.results.paper import PAPER, Ref
 from study.results.load import check_kind, counted
 from study.results.match import add_config_column, describe, select, where_mask
 from study.results.render import _md_row, _num
 from study.results.tables import DASH, DATASET_LABELS
+from study.results.untuned import NOTE as UNTUNED_NOTE
+from study.results.untuned import marked, where_mark
 
 NAME = "directions"
 VERDICTS = ("reproduced", "contradicted", "inconclusive")
 CONFIDENCE = 0.95
+FAMILY_ALPHA = 1 - CONFIDENCE  # Holm: family-wise error rate over the claims of one table
 DIRECTIONS_CSV_COLUMNS = ("claim", "dataset", "paper_source", "paper_cells", "paper_diff", "better", "better_mean",
                "better_std", "better_n", "worse", "worse_mean", "worse_std", "worse_n", "diff", "ci_low",
-               "ci_high", "verdict", "note")
+               "ci_high", "verdict", "p_value", "p_holm", "verdict_holm", "note")
 
 _MOREID = {"framework.name": "moreid", "framework.include_past_positives": False}
 _BASELINE = {"framework.name": "baseline"}
@@ -127,47 +138,57 @@ def claims_for(trials: pd.DataFrame) -> list[Claim]:
 
 # ---- statistics ----------------------------------------------------------------------------------------
 
-def _t_cdf(x: float, df: float) -> float:
-    """Student's t cumulative distribution at ``x >= 0`` (composite Simpson over the density, 1e-9 here)."""
-    if x <= 0:
-        return 0.5
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    n = 4000  # even
-    grid = np.linspace(0.0, x, n + 1)
-    density = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid * grid / df))
-    weights = np.ones(n + 1)
-    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
-    return 0.5 + float((weights * density).sum()) * x / (3 * n)
+@dataclass(frozen=True)
+class Welch:
+    """Welch's two-sided test of mean(a) = mean(b) and the ``confidence`` interval of mean(a) − mean(b)
+    (unequal variances; SciPy's ``ttest_ind(equal_var=False)``), in the units of the values."""
+
+    diff: float
+    low: float
+    high: float
+    p_value: float
+    df: float
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.low, self.high
 
 
-def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile (``0.5 <= p < 1``) of Student's t with ``df`` > 0 degrees of freedom (bisection)."""
-    if not 0.5 <= p < 1 or not df > 0:
-        raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df > 0; got p={p}, df={df}")
-    if math.isinf(df):
-        df = 1e9
-    low, high = 0.0, 1.0
-    while _t_cdf(high, df) < p:
-        low, high = high, high * 2
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if _t_cdf(mid, df) < p else (low, mid)
-    return (low + high) / 2
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Welch:
+    """Welch's test and interval of mean(a) − mean(b); both sides need 2+ values.
 
-
-def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Welch's ``confidence`` interval of mean(a) − mean(b) (unequal variances); both need 2+ values."""
+    Both sides without spread (every value equal within its side) have no standard error: the interval is
+    the difference itself and the p-value 0 when the means differ, 1 when they are equal (SciPy returns
+    NaN there)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"Welch's interval needs at least 2 values per side; got {len(a)} and {len(b)}")
     diff = float(a.mean() - b.mean())
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = t_quantile(0.5 + confidence / 2, df) * se
-    return diff - half, diff + half
+    if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:
+        return Welch(diff, diff, diff, 0.0 if diff != 0 else 1.0, math.inf)
+    result = stats.ttest_ind(a, b, equal_var=False)
+    interval = result.confidence_interval(confidence)
+    return Welch(diff, float(interval.low), float(interval.high), float(result.pvalue), float(result.df))
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Welch's ``confidence`` interval of mean(a) − mean(b) (unequal variances); both need 2+ values."""
+    return welch(a, b, confidence).interval
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest of m p-values is multiplied
+    by m − i + 1, and each adjusted value is the running maximum of those (capped at 1). A hypothesis is
+    rejected at family-wise level alpha exactly when its adjusted p-value is at most alpha."""
+    p = np.asarray(p_values, dtype=float)
+    if np.any((p < 0) | (p > 1) | np.isnan(p)):
+        raise ValueError(f"p-values must lie in [0, 1]; got {list(p_values)}")
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return [float(v) for v in adjusted]
 
 
 def verdict(interval: tuple[float, float] | None) -> str:
@@ -179,6 +200,14 @@ def verdict(interval: tuple[float, float] | None) -> str:
     if high < 0:
         return "contradicted"
     return "inconclusive"
+
+
+def holm_verdict(diff: float | None, p_holm: float | None, alpha: float = FAMILY_ALPHA) -> str:
+    """Reproduced / contradicted when the Holm-adjusted p-value is at most ``alpha`` (the sign of the
+    difference says which), inconclusive otherwise or without a test."""
+    if diff is None or p_holm is None or p_holm > alpha or diff == 0:
+        return "inconclusive"
+    return "reproduced" if diff > 0 else "contradicted"
 
 
 # ---- the table -----------------------------------------------------------------------------------------
@@ -217,7 +246,14 @@ class Direction:
     worse: SideResult
     interval: tuple[float, float] | None
     verdict: str
-    note: str = ""
+    notes: tuple[str, ...] = ()
+    p_value: float | None = None  # Welch's two-sided test; None without an interval
+    p_holm: float | None = None  # Holm-adjusted over the table's claims that have a p-value
+    verdict_holm: str = "inconclusive"
+
+    @property
+    def note(self) -> str:
+        return "; ".join(self.notes)
 
     @property
     def diff(self) -> float | None:
@@ -239,12 +275,13 @@ class DirectionsTable:
 
 
 def _side(trials: pd.DataFrame, side: Side, kind: str) -> SideResult:
+    label = marked(side.label, side.where.get("loss.name"))
     selection = select(trials[where_mask(trials, side.where)], kind)
     if selection is None:
-        return SideResult(side.label)
+        return SideResult(label)
     chosen = describe(selection.differing) if selection.n_configs > 1 else ""
-    return SideResult(side.label, tuple(float(v) for v in selection.values(f"{kind}_mAP")),
-                      selection.n_configs, chosen)
+    return SideResult(label, tuple(float(v) for v in selection.values(f"{kind}_mAP")), selection.n_configs,
+                      chosen)
 
 
 def build_directions(frame: pd.DataFrame, *, metric: str = "best") -> list[DirectionsTable]:
@@ -263,7 +300,8 @@ def build_directions(frame: pd.DataFrame, *, metric: str = "best") -> list[Direc
             better, worse = _side(trials, claim.better, metric), _side(trials, claim.worse, metric)
             if not better.values or not worse.values:
                 continue
-            interval = welch_interval(better.values, worse.values) if min(better.n, worse.n) >= 2 else None
+            test = welch(better.values, worse.values) if min(better.n, worse.n) >= 2 else None
+            interval = test.interval if test else None
             notes = []
             if interval is None:
                 notes.append("fewer than 2 seeds on a side: no interval")
@@ -273,10 +311,22 @@ def build_directions(frame: pd.DataFrame, *, metric: str = "best") -> list[Direc
             found = verdict(interval)
             if claim.at_least and found == "inconclusive" and interval is not None:
                 notes.append("the paper claims only 'at least as good': not contradicted")
-            table.rows.append(Direction(claim, better, worse, interval, found, "; ".join(notes)))
+            if any(where_mark(side.where) for side in (claim.better, claim.worse)):
+                notes.append(UNTUNED_NOTE)
+            table.rows.append(Direction(claim, better, worse, interval, found, tuple(notes),
+                                        test.p_value if test else None))
         if table.rows:
+            _apply_holm(table.rows)
             tables.append(table)
     return tables
+
+
+def _apply_holm(rows: Sequence[Direction]) -> None:
+    """Holm's correction over the claims of one table that have a test (the family read at once)."""
+    tested = [row for row in rows if row.p_value is not None]
+    for row, adjusted in zip(tested, holm([row.p_value for row in tested])):
+        row.p_holm = adjusted
+        row.verdict_holm = holm_verdict(row.diff, adjusted)
 
 
 # ---- rendering -----------------------------------------------------------------------------------------
@@ -289,27 +339,55 @@ def _interval_text(interval: tuple[float, float] | None) -> str:
     return DASH if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
 
 
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return DASH
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _p_num(p: float | None) -> str:
+    return "" if p is None else f"{p:.4g}"
+
+
+CAPTION = ("mAP %, each trial's {which}. Ours: mean ± std over seeds (n trials) of each side; Δ = claimed "
+           "better − other; 95 % Welch interval of Δ and Welch's two-sided p. Verdict: reproduced when the "
+           "interval lies above 0, contradicted when below, inconclusive otherwise. Holm: the verdict after Holm's "
+           "step-down correction over this table's {tested} tested claim(s) at family-wise 0.05 (p adjusted in "
+           "brackets). The paper's Δ is on {paper}.")
+
+
+def _which(metric: str) -> str:
+    return "best evaluation (best_mAP)" if metric == "best" else "last evaluation (final_mAP)"
+
+
+def _holm_text(row: Direction) -> str:
+    return DASH if row.p_holm is None else f"{row.verdict_holm} ({_p_text(row.p_holm)})"
+
+
+def _footnote(notes: list[str], note: str) -> int:
+    """The footnote number of ``note``, added once however many rows carry it."""
+    if note not in notes:
+        notes.append(note)
+    return notes.index(note) + 1
+
+
 def to_markdown(tables: Sequence[DirectionsTable]) -> str:
     parts = []
     for table in tables:
-        which = "best evaluation (best_mAP)" if table.metric == "best" else "last evaluation (final_mAP)"
+        tested = sum(row.p_value is not None for row in table.rows)
         lines = [f"## {table.title}", "",
-                 f"mAP %, each trial's {which}. Ours: mean ± std over seeds (n trials) of each side; Δ = claimed "
-                 f"better − other; 95 % Welch interval of Δ. Verdict: reproduced when the interval lies above 0, "
-                 f"contradicted when below, inconclusive otherwise. The paper's Δ is on {PAPER.dataset_label}.", "",
+                 CAPTION.format(which=_which(table.metric), tested=tested, paper=PAPER.dataset_label), "",
                  "| Claim | Paper: table | Paper: cells | Paper Δ | Ours: claimed better | Ours: other | Ours Δ "
-                 "| 95 % interval | Verdict |",
-                 "|---|---|---|---:|---:|---:|---:|---:|---|"]
-        notes = []
+                 "| 95 % interval | p | Verdict | Holm |",
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        notes: list[str] = []
         for row in table.rows:
             verdict_text = row.verdict
-            if row.note:
-                notes.append(row.note)
-                verdict_text += f" [{len(notes)}]"
+            verdict_text += "".join(f" [{_footnote(notes, n)}]" for n in row.notes)
             cells = [row.claim.name, row.claim.paper_source, row.claim.paper_cells,
                      _signed(row.claim.paper_diff, 1), f"{row.better.label}: {row.better.text()}",
                      f"{row.worse.label}: {row.worse.text()}", _signed(row.diff), _interval_text(row.interval),
-                     verdict_text]
+                     _p_text(row.p_value), verdict_text, _holm_text(row)]
             lines.append(_md_row(cells))
         if notes:
             lines += [""] + [f"- [{i}] {note}" for i, note in enumerate(notes, 1)]
@@ -328,7 +406,7 @@ def to_csv(tables: Sequence[DirectionsTable]) -> str:
                              _num(row.claim.paper_diff), row.better.label, _num(row.better.mean),
                              _num(row.better.std), row.better.n, row.worse.label, _num(row.worse.mean),
                              _num(row.worse.std), row.worse.n, _num(row.diff), _num(low), _num(high),
-                             row.verdict, row.note])
+                             row.verdict, _p_num(row.p_value), _p_num(row.p_holm), row.verdict_holm, row.note])
     return buffer.getvalue()
 
 

@@ -56,10 +56,9 @@ def read_results(path: str | Path) -> pd.DataFrame:
     missing = [name for name in REQUIRED if name not in frame.columns]
     if missing:
         raise ResultsError(f"{csv} lacks the column(s) {', '.join(missing)}")
-    out = pd.DataFrame(index=frame.index)
-    out["study"] = frame["study"]
-    out["trial_id"] = frame["trial_id"]
-    out["status"] = frame["status"].str.strip().str.upper()
+    # Columns gathered first and framed once (a frame grown column by column warns of fragmentation).
+    out: dict[str, Any] = {"study": frame["study"], "trial_id": frame["trial_id"],
+                           "status": frame["status"].str.strip().str.upper()}
     for name in frame.columns:
         if name in ("study", "trial_id", "status"):
             continue
@@ -70,10 +69,10 @@ def read_results(path: str | Path) -> pd.DataFrame:
         else:  # metrics, epochs, best_epoch and any extra numeric bookkeeping
             out[name] = pd.to_numeric(frame[name].replace("", np.nan), errors="coerce")
     for name, default in CONFIG_DEFAULTS.items():
-        if name not in out.columns:
-            out[name] = [default] * len(out)
-    out["_source"] = str(csv)
-    return out
+        if name not in out:
+            out[name] = pd.Series([default] * len(frame), index=frame.index, dtype=object)
+    out["_source"] = pd.Series([str(csv)] * len(frame), index=frame.index, dtype=object)
+    return pd.DataFrame(out, index=frame.index)
 
 
 def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:

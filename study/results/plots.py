@@ -22,6 +22,7 @@ from study.results.paper import PAPER
 from study.results.load import counted
 from study.results.match import add_config_column
 from study.results.tables import DATASET_LABELS, Table
+from study.results.untuned import mark, marked
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 PLOTTED = ("past_positives", "ranked_list", "npair_k", "dictionary_size")
@@ -218,6 +219,8 @@ def _labels(configs: list[dict]) -> list[str]:
     for config in configs:
         parts = []
         names = [_value_name(config[k]) for k in named if k in config]
+        if "loss.name" in named and mark(config.get("loss.name")):
+            names[-1] = marked(names[-1], config["loss.name"])  # an untuned loss says so (study.results.untuned)
         if names:
             parts.append(" + ".join(names))
         parts.extend(f"{short[k]}={_value_text(config[k])}" for k in others if k in config)

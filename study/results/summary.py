@@ -12,12 +12,20 @@ from typing import Sequence
 import pandas as pd
 
 from study.results.match import SEED_KEY
+from study.results.untuned import mark
 
 FIDELITY_COMMAND = "python -m study.run fidelity"
 
 
 def _value(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _marks(group: pd.DataFrame) -> str:
+    """The untuned mark of a cell's loss (study.results.untuned), "" when it needs none or has no loss."""
+    if "loss.name" not in group.columns:
+        return ""
+    return ", ".join(sorted({mark(loss) for loss in group["loss.name"]} - {""}))
 
 
 def closing_summary(table: pd.DataFrame, searched: Sequence[str], metric: str = "mAP", mode: str = "max",
@@ -32,13 +40,14 @@ def closing_summary(table: pd.DataFrame, searched: Sequence[str], metric: str = 
     if rows.empty:
         return []
     keys = [k for k in searched if k != SEED_KEY and k in rows.columns]
-    groups = rows.groupby(keys, dropna=False, sort=False)[score] if keys else [((), rows[score])]
-    cells = [(name if isinstance(name, tuple) else (name,), values.mean(), values.std(ddof=1), len(values))
-             for name, values in groups]
+    groups = rows.groupby(keys, dropna=False, sort=False) if keys else [((), rows)]
+    cells = [(name if isinstance(name, tuple) else (name,), group[score].mean(), group[score].std(ddof=1),
+              len(group), _marks(group)) for name, group in groups]
     cells.sort(key=lambda c: c[1], reverse=mode == "max")
 
     def label(cell: tuple) -> str:
-        return " ".join(f"{k}={_value(v)}" for k, v in zip(keys, cell[0])) or "the base config"
+        text = " ".join(f"{k}={_value(v)}" for k, v in zip(keys, cell[0])) or "the base config"
+        return f"{text} ({cell[4]})" if cell[4] else text
 
     best = cells[0]
     seeds = best[3]

@@ -22,6 +22,8 @@ from reid_core.config import DATASETS, LOSSES
 from study.results.paper import PAPER, Ref
 from study.results.load import COUNTED, check_kind, counted
 from study.results.match import add_config_column, describe, same_value, select, where_mask
+from study.results.untuned import NOTE as UNTUNED_NOTE
+from study.results.untuned import mark, marked
 
 TABLE_NAMES = ("loss_comparison", "past_positives", "similarity", "backbone", "datasets", "npair_k",
                "ranked_list", "dictionary_size")
@@ -37,7 +39,10 @@ BASES: dict[str, Mapping[str, Any]] = {
     "dictionary_size": {"framework.name": "moreid"},
 }
 SWEEPS = ("npair_k", "ranked_list", "dictionary_size")  # in a report only when 2+ swept values ran
-LOSS_LABELS = {"triplet": "Triplet", "npair": "N-pair", "ranked_list": "Ranked List", "he": "HE"}
+# Row and column labels of the losses; an untuned loss carries its mark (study.results.untuned).
+LOSS_LABELS = {loss: marked(label, loss)
+               for loss, label in {"triplet": "Triplet", "npair": "N-pair", "ranked_list": "Ranked List",
+                                   "he": "HE"}.items()}
 FRAMEWORK_LABELS = {"baseline": "Baseline", "moreid": "MoReID"}
 DATASET_LABELS = {"veri776": "VeRi-776", "market1501": "Market-1501", "veriwild-small": "VeRi-Wild small",
                   "veriwild-medium": "VeRi-Wild medium", "veriwild-large": "VeRi-Wild large",
@@ -181,7 +186,7 @@ def _loss_comparison(trials: pd.DataFrame) -> _Spec:
         columns=[_ColSpec("mAP", "mAP", {}, "mAP"), _ColSpec("R1", "R1", {}, "R1")],
         notes=[f"Reference: {PAPER.missing['loss_comparison']}.",
                f"The paper uses N-pair with {describe(PAPER.npair_optimum.params)} and Ranked List with "
-               f"{describe(PAPER.ranked_list_optimum.params)} ({PAPER.npair_optimum.source})."])
+               f"{describe(PAPER.ranked_list_optimum.params)} ({PAPER.npair_optimum.source}).", UNTUNED_NOTE])
 
 
 def _past_positives(trials: pd.DataFrame) -> _Spec:
@@ -269,7 +274,9 @@ def _ranked_list(trials: pd.DataFrame) -> _Spec:
         show_reference=False,
         notes=[f"The paper reports only the optimum, α = {opt['loss.alpha']:g}, β = {opt['loss.beta']:g} in "
                f"both frameworks ({PAPER.ranked_list_optimum.source}), no mAP per cell. "
-               "Cells with β ≥ α cannot run (the config rejects them)."])
+               "Cells with β ≥ α cannot run (the config rejects them).",
+               "The cells are read on the test split: our best cell is not a choice on a validation split, and the "
+               "other tables keep Ranked List marked untuned."])
 
 
 def _dictionary_size(trials: pd.DataFrame) -> _Spec:
@@ -279,7 +286,8 @@ def _dictionary_size(trials: pd.DataFrame) -> _Spec:
         title="MoReID: mAP against dictionary size, %", row_headers=("Dictionary size",),
         rows=[_RowSpec((str(s),), s, {"framework.dict_size": s}) for s in sizes],
         columns=[_ColSpec(LOSS_LABELS[loss], loss, {"loss.name": loss}) for loss in losses],
-        show_reference=False, notes=["The supplementary gives no number for this sweep."])
+        show_reference=False, notes=["The supplementary gives no number for this sweep."]
+        + ([UNTUNED_NOTE] if any(mark(loss) for loss in losses) else []))
 
 
 _BUILDERS: dict[str, Callable[[pd.DataFrame], _Spec]] = {

@@ -80,7 +80,7 @@ def test_loss_comparison_mean_std_over_seeds_and_dashes(tmp_path):
     single = table.cell(("Triplet", "Baseline"), "mAP")
     assert (single.n, single.mean, single.std, single.ours_text()) == (1, 70.0, None, "70.00")
     # The ERROR trial and the RUNNING one never count: their cells are dashes, and a note counts them.
-    for row in (("N-pair", "Baseline"), ("N-pair", "MoReID"), ("Ranked List", "MoReID")):
+    for row in (("N-pair", "Baseline"), ("N-pair", "MoReID"), ("Ranked List (untuned α/β)", "MoReID")):
         cell = table.cell(row, "mAP")
         assert cell.mean is None and cell.n == 0 and cell.ours_text() == "—"
     assert any("1 ERROR, 1 RUNNING" in note for note in table.notes)
@@ -438,17 +438,61 @@ def _claim_rows(he: list[float], tri: list[float], *, dataset: str = "synthetic"
             + [trial("bhe", 50.0, {**data, "loss.name": "he", "framework.name": "baseline"})])
 
 
-def test_t_quantile_and_welch_interval_match_textbook_values():
-    from study.results.directions import t_quantile, welch_interval
-    for df, expected in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (1e6, 1.9600)):
-        assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
-    # Equal n and variances: Welch's df is 2(n - 1) = 4 and the half-width t * sqrt(2 s^2 / n).
+def _welch_by_hand(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Welch–Satterthwaite written out: (low, high, two-sided p), with only SciPy's t distribution."""
+    from scipy.stats import t as student
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    diff = a.mean() - b.mean()
+    half = student.ppf(0.5 + confidence / 2, df) * se
+    return diff - half, diff + half, 2 * student.sf(abs(diff) / se, df)
+
+
+def test_welch_interval_and_p_value_match_a_hand_written_formula_and_textbook_values():
+    from study.results.directions import welch, welch_interval
+    # Unequal sizes and variances (the case Welch's correction exists for).
+    a, b = [27.3, 23.5, 31.1, 29.9], [33.4, 32.3, 31.2, 36.7, 35.0]
+    test = welch(a, b)
+    low, high, p = _welch_by_hand(a, b)
+    assert (test.low, test.high, test.p_value) == (pytest.approx(low, rel=1e-12), pytest.approx(high, rel=1e-12),
+                                                   pytest.approx(p, rel=1e-10))
+    assert test.diff == pytest.approx(np.mean(a) - np.mean(b))
+    # Equal n and variances: Welch's df is 2(n - 1) = 4 and the half-width t(0.975, 4) * sqrt(2 s^2 / n) with the
+    # tabled t = 2.7764; t = 1 / sqrt(2/3) = 1.2247 on 4 df has the tabled two-sided p = 0.2879.
     low, high = welch_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
     half = 2.7764 * math.sqrt(2 / 3)
     assert (low, high) == (pytest.approx(1 - half, abs=1e-3), pytest.approx(1 + half, abs=1e-3))
+    equal = welch([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    assert equal.df == pytest.approx(4.0) and equal.p_value == pytest.approx(0.2879, abs=1e-4)
+    # The per-claim verdict and the test agree: the 95 % interval excludes 0 exactly when p < 0.05.
+    for shift in (0.5, 1.5, 2.0, 2.5, 3.0, 4.0):
+        test = welch([v + shift for v in (1.0, 2.0, 3.0)], [0.0, 1.0, 2.0])
+        assert (test.low > 0) == (test.p_value < 0.05), shift
+    # No spread on either side: the difference itself, and p 0 (differing means) or 1 (equal ones).
     assert welch_interval([2.0, 2.0], [1.0, 1.0]) == (1.0, 1.0)
+    assert (welch([2.0, 2.0], [1.0, 1.0]).p_value, welch([1.0, 1.0], [1.0, 1.0]).p_value) == (0.0, 1.0)
     with pytest.raises(ValueError, match="at least 2 values per side"):
         welch_interval([1.0], [1.0, 2.0])
+
+
+def test_holm_adjustment_on_a_known_example():
+    from study.results.directions import holm, holm_verdict
+    # Sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> running max 0.06.
+    adjusted = holm([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # At family-wise 0.05 Holm rejects the two smallest (0.005 <= 0.05/4, 0.01 <= 0.05/3) and stops at
+    # 0.03 > 0.05/2, although 0.03 and 0.04 are below 0.05 alone.
+    assert [a <= 0.05 for a in adjusted] == [True, False, False, True]
+    assert holm([0.2, 0.6]) == pytest.approx([0.4, 0.6]) and holm([0.9, 0.3]) == pytest.approx([0.9, 0.6])
+    assert holm([]) == [] and holm([0.03]) == [0.03]
+    assert holm([0.5, 0.5, 0.5]) == [1.0, 1.0, 1.0]  # capped at 1
+    with pytest.raises(ValueError, match="p-values must lie in"):
+        holm([0.1, 1.5])
+    assert (holm_verdict(+2.0, 0.02), holm_verdict(-2.0, 0.02), holm_verdict(-2.0, 0.06)) == (
+        "reproduced", "contradicted", "inconclusive")
+    assert holm_verdict(None, None) == "inconclusive"
 
 
 def test_directions_verdicts_reproduced_contradicted_inconclusive(tmp_path):
@@ -512,7 +556,7 @@ def test_cmc_legend_names_framework_and_loss_and_disambiguates_keys():
 
     labels = _labels([{"framework.name": "baseline", "loss.name": "he", "loss.normalize": False},
                       {"framework.name": "moreid", "loss.name": "ranked_list", "loss.normalize": True}])
-    assert labels == ["Baseline + HE, normalize=False", "MoReID + Ranked List, normalize=True"]
+    assert labels == ["Baseline + HE, normalize=False", "MoReID + Ranked List (untuned α/β), normalize=True"]
     both = _labels([{"optim.lr": 0.001, "data.height": 64, "model.height": 3},
                     {"optim.lr": 0.003, "data.height": 32, "model.height": 4}])
     assert both[0] == "lr=0.001, data.height=64, model.height=3"  # two keys end in "height": full names
@@ -527,3 +571,128 @@ def test_cmc_legend_names_framework_and_loss_and_disambiguates_keys():
                     {"framework.name": "baseline", **{f"loss.knob{i}": i + 1 for i in range(12)}}])
     assert all(len(line.rstrip(",")) <= 60 for label in long for line in label.split("\n"))  # wrapped, not cut
     assert long[0].replace(",\n", ", ").endswith("knob11=11")
+
+
+# ---- directions: p-values, Holm's correction, untuned Ranked List, regimes side by side -----------------
+
+def _many_claims(he: list[float], tri: list[float], rl: list[float], npair: list[float], *, study: str = "s",
+                 dataset: str = "synthetic") -> list[dict]:
+    """MoReID HE against MoReID Triplet, Ranked List and N-pair (three claims), seeds given per cell."""
+    data = {"data.dataset": dataset}
+    return (seeds("he", he, {**data, **HE_MOREID}, study=study)
+            + seeds("tri", tri, {**data, "loss.name": "triplet", "framework.name": "moreid"}, study=study)
+            + seeds("rl", rl, {**data, "loss.name": "ranked_list", "framework.name": "moreid"}, study=study)
+            + seeds("np", npair, {**data, "loss.name": "npair", "framework.name": "moreid"}, study=study))
+
+
+def test_directions_give_p_values_and_holm_verdicts_that_can_differ_from_the_per_claim_ones(tmp_path):
+    from study.results.directions import build_directions, holm, render_directions, welch
+    he, tri, rl, npair = [50.0, 52.0, 54.0], [40.0, 41.0, 42.0], [45.0, 47.0, 49.0], [49.0, 51.5, 53.0]
+    (table,) = build_directions(load_results(write_study(tmp_path / "s", _many_claims(he, tri, rl, npair))))
+    rows = {r.claim.name: r for r in table.rows}
+    assert set(rows) == {"HE beats Triplet (MoReID)", "HE beats Ranked List (MoReID)", "HE beats N-pair (MoReID)"}
+    expected = {name: welch(he, other).p_value for name, other in (("HE beats Triplet (MoReID)", tri),
+                                                                  ("HE beats Ranked List (MoReID)", rl),
+                                                                  ("HE beats N-pair (MoReID)", npair))}
+    adjusted = dict(zip(expected, holm(list(expected.values()))))
+    for name, row in rows.items():
+        assert row.p_value == pytest.approx(expected[name]) and row.p_holm == pytest.approx(adjusted[name])
+    # Ranked List: p between 0.05 / 2 and 0.05, so reproduced alone but not after Holm over three claims.
+    ranked = rows["HE beats Ranked List (MoReID)"]
+    assert 0.025 < ranked.p_value < 0.05 and ranked.verdict == "reproduced"
+    assert ranked.verdict_holm == "inconclusive"
+    assert (rows["HE beats Triplet (MoReID)"].verdict, rows["HE beats Triplet (MoReID)"].verdict_holm) == (
+        "reproduced", "reproduced")
+    assert rows["HE beats N-pair (MoReID)"].verdict_holm == "inconclusive"
+    lines = list(csv.DictReader(io.StringIO(render_directions([table], "csv"))))
+    line = next(r for r in lines if r["claim"] == "HE beats Ranked List (MoReID)")
+    assert float(line["p_value"]) == pytest.approx(ranked.p_value, rel=1e-3)
+    assert float(line["p_holm"]) == pytest.approx(ranked.p_holm, rel=1e-3)
+    assert (line["verdict"], line["verdict_holm"]) == ("reproduced", "inconclusive")
+    md = render_directions([table], "md")
+    assert "| p | Verdict | Holm |" in md and "over this table's 3 tested claim(s)" in md
+    md_row = next(line for line in md.splitlines() if line.startswith("| HE beats Ranked List (MoReID) |"))
+    assert f"| {ranked.p_value:.3f} | reproduced [1] | inconclusive ({ranked.p_holm:.3f}) |" in md_row
+
+
+def test_ranked_list_is_marked_untuned_in_every_table_claim_legend_and_summary(tmp_path):
+    from study.results.directions import build_directions, render_directions
+    from study.results.summary import closing_summary
+    rows = _many_claims([50.0, 52.0, 54.0], [40.0, 41.0, 42.0], [30.0, 31.0, 32.0], [49.0, 51.5, 53.0])
+    frame = load_results(write_study(tmp_path / "s", rows))
+    (directions,) = build_directions(frame)
+    ranked = next(r for r in directions.rows if "Ranked List" in r.claim.name)
+    assert ranked.worse.label == "MoReID Ranked List (untuned α/β)"
+    assert any("not chosen on a validation split" in note for note in ranked.notes)
+    others = [r for r in directions.rows if "Ranked List" not in r.claim.name]
+    assert others and not any("untuned" in r.worse.label or "validation" in r.note for r in others)
+    md = render_directions([directions], "md")
+    assert "MoReID Ranked List (untuned α/β): 31.00 ± 1.00 (n=3)" in md
+    assert md.count("not chosen on a validation split") == 1  # one footnote, however many rows cite it
+    table = build_table("loss_comparison", frame)
+    assert table.cell(("Ranked List (untuned α/β)", "MoReID"), "mAP").mean == 31.0
+    assert any("not chosen on a validation split" in note for note in table.notes)
+    assert any("read on the test split" in note for note in build_table("ranked_list", frame).notes)
+    # The closing summary marks a Ranked List cell, and only it.
+    summary = closing_summary(frame.assign(**{"best_mAP": frame["best_mAP"].where(
+        frame["loss.name"] != "ranked_list", 99.0)}), ["loss.name", "train.seed"])
+    assert summary[0].startswith("winner: loss.name=ranked_list (untuned α/β): mAP 99.00")
+    assert summary[1].startswith("runner-up: loss.name=he: mAP 52.00")
+
+
+def test_two_regimes_side_by_side_claim_by_claim_md_and_csv(tmp_path):
+    random_init = write_study(tmp_path / "fidelity", _many_claims(
+        [30.0, 31.0, 32.0], [36.0, 37.0, 38.0], [10.0, 12.0, 14.0], [39.0, 40.0, 41.0], study="fidelity"))
+    pretrained = write_study(tmp_path / "fidelity_pretrained", _many_claims(
+        [80.0, 81.0, 82.0], [76.0, 77.0, 78.0], [70.0, 71.0, 72.0], [79.0, 80.5, 82.0], study="fidelity_pretrained")
+        # a claim only this regime tests: MoReID beats the baseline with HE
+        + seeds("bhe", [78.0, 79.0, 80.0], {"data.dataset": "synthetic", "loss.name": "he",
+                                            "framework.name": "baseline"}, study="fidelity_pretrained"))
+    out = tmp_path / "side.md"
+    done = _cli(str(random_init), str(pretrained), "--table", "directions", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    md = out.read_text()
+    assert "## Directions by regime: fidelity vs fidelity_pretrained (ours on synthetic)" in md
+    assert "| Claim | Paper Δ | fidelity: Δ | fidelity: 95 % interval | fidelity: verdict | fidelity: Holm |" in md
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in md.splitlines()
+            if line.startswith("| HE beats") or line.startswith("| MoReID beats")}
+    triplet = rows["HE beats Triplet (MoReID)"]
+    half = 2.7764 * math.sqrt(2 / 3)  # both sides sd 1, n 3: Welch's df 4, tabled t(0.975, 4)
+    assert triplet[2:4] == ["-6.00", f"[{-6 - half:+.2f}, {-6 + half:+.2f}]"] and triplet[4] == "contradicted"
+    assert triplet[6:8] == ["+4.00", f"[{4 - half:+.2f}, {4 + half:+.2f}]"] and triplet[8] == "reproduced"
+    assert triplet[-1] == "yes |"
+    assert rows["HE beats Ranked List (MoReID)"][4].startswith("reproduced")
+    assert rows["HE beats Ranked List (MoReID)"][-1] == "no |"
+    framework = rows["MoReID beats baseline (HE)"]
+    assert framework[2:6] == ["—"] * 4 and framework[6] == "+2.00" and framework[-1] == "— |"
+    assert "MoReID Ranked List (untuned α/β)" in md
+    done = _cli(str(random_init), str(pretrained), "--table", "directions", "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    lines = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert list(lines[0])[:2] == ["regime", "claim"] and {"p_value", "p_holm", "verdict_holm"} <= set(lines[0])
+    by = {(r["regime"], r["claim"]): r for r in lines}
+    assert len(lines) == 3 + 4  # three claims in the random-init regime, four in the pretrained one
+    old, new = by[("fidelity", "HE beats Triplet (MoReID)")], by[("fidelity_pretrained", "HE beats Triplet (MoReID)")]
+    assert (old["diff"], old["verdict"], new["diff"], new["verdict"]) == ("-6", "contradicted", "4", "reproduced")
+    assert (old["better_mean"], old["worse_mean"], new["better_n"]) == ("31", "37", "3")
+    # --pooled reads both folders as one regime: the old single table, with both studies' trials together.
+    done = _cli(str(random_init), str(pretrained), "--table", "directions", "--format", "csv", "--pooled")
+    pooled = {r["claim"]: r for r in csv.DictReader(io.StringIO(done.stdout))}
+    assert done.returncode == 0 and "regime" not in next(iter(pooled.values()))
+    assert pooled["HE beats Triplet (MoReID)"]["better_n"] == "6"
+    # The same folder twice is one regime: the plain table.
+    done = _cli(str(random_init), str(random_init / "results.csv"), "--table", "directions")
+    assert done.returncode == 0 and "Directions: the paper's claims" in done.stdout
+
+
+def test_regimes_label_by_folder_when_study_names_repeat(tmp_path):
+    from study.results.regimes import build_regimes, regime_label, unique_labels
+    a = load_results(write_study(tmp_path / "a", _claim_rows([60.0, 61.0, 62.0], [50.0, 51.0, 52.0])))
+    b = load_results(write_study(tmp_path / "b", _claim_rows([40.0, 41.0, 42.0], [50.0, 51.0, 52.0])))
+    labels = unique_labels([regime_label(a, "a"), regime_label(b, "b")], ["a", "b"])
+    assert labels == ["a", "b"]  # both studies are named "s"
+    (comparison,) = build_regimes([a, b], labels)
+    claim = next(c for c in comparison.claims if c.name == "HE beats Triplet (MoReID)")
+    assert [r.verdict for r in claim.by_regime] == ["reproduced", "contradicted"] and claim.changes
+    with pytest.raises(ResultsError, match="at least 2 regimes"):
+        build_regimes([a], ["a"])

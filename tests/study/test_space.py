@@ -17,7 +17,7 @@ from study.space import SPACES_DIR, SpaceError, load_space, parse_space, plan, v
 
 SPACE_FILES = sorted(SPACES_DIR.glob("*.yaml"))
 EXPECTED_SPACES = {"quickstart", "loss_comparison", "npair_k", "ranked_list", "he_loss", "past_positives",
-                   "similarity", "backbone", "dictionary_size", "datasets", "fidelity"}
+                   "similarity", "backbone", "dictionary_size", "datasets", "fidelity", "fidelity_pretrained"}
 
 
 def small(**changes) -> dict:
@@ -109,7 +109,7 @@ def test_shipped_spaces_hold_the_papers_grids():
     # a test split of at least 150 queries: one per (test identity, camera), half the identities test
     assert quick.base["data.synthetic.ids"] // 2 * quick.base["data.synthetic.cams"] >= 150
     assert quick.resources.workers_per_trial == 1  # trials train in their own Tune process
-    for name in EXPECTED_SPACES - {"quickstart", "fidelity"}:  # the two CPU studies
+    for name in EXPECTED_SPACES - {"quickstart", "fidelity", "fidelity_pretrained"}:  # the CPU studies
         space = load_space(name)
         assert space.base["model.arch"] in ("resnet50", "resnet101") or name == "datasets"
         assert space.resources.gpus_per_worker >= 1
