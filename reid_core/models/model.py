@@ -86,12 +86,7 @@ class ReIDModel(nn.Module):
 
 
 def _weights(cfg: ModelConfig) -> Path | None:
-    """The local file ``cfg.pretrained`` means: ``synthetic`` is made here once (reid_core.pretrain's recipe
-    for ``cfg.arch``), the rest as :func:`resolve_pretrained` says."""
-    if cfg.pretrained == "synthetic":
-        # Imported here: reid_core.pretrain imports reid_core.models, whose __init__ imports this module.
-        from reid_core.pretrain import SyntheticPretrain, ensure_pretrained
-        return ensure_pretrained(SyntheticPretrain(arch=cfg.arch, ibn=cfg.ibn), cfg.pretrained_cache or None)
+    """The local file ``cfg.pretrained`` means (:func:`resolve_pretrained`)."""
     return resolve_pretrained(cfg.pretrained, cfg.arch, ibn=cfg.ibn, cache_dir=cfg.pretrained_cache or None)
 
 

@@ -319,6 +319,9 @@ def plan_weights(cfg: Config) -> str:
             cache = str(default_cache_dir())
         return (f"pretrained: imagenet ({backbone_label(cfg, non_local=False)}, fetched once into {cache} and SHA-256 checked "
                 f"before the first trial)")
+    if m.pretrained == "synthetic":
+        return (f"pretrained: synthetic ({backbone_label(cfg, non_local=False)} pretrained on synthetic identities "
+                f"disjoint from the study's, made once into the cache when missing, before the first trial)")
     return f"pretrained: {m.pretrained} ({backbone_label(cfg)}, loaded and checked before the first trial)"
 
 

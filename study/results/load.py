@@ -64,7 +64,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
             continue
         if name in CONFIG_DEFAULTS:
             out[name] = _typed(frame[name], CONFIG_DEFAULTS[name], name, csv)
-        elif name in ("cmc", "searched", "error"):
+        elif name in ("cmc", "searched", "error", "pretrained/form", "pretrained/path"):
             out[name] = frame[name]
         else:  # metrics, epochs, best_epoch and any extra numeric bookkeeping
             out[name] = pd.to_numeric(frame[name].replace("", np.nan), errors="coerce")
