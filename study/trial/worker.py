@@ -195,7 +195,11 @@ def result_of(train_metrics: dict[str, Any], state: dict[str, Any], start_epoch:
 def _maybe_fail(hook: dict[str, Any] | None, epoch: int, session: Session) -> None:
     """Test hook: the rank-0 worker process (the trial's process on the one-worker path) dies once after
     reporting ``hook['epoch']`` (a marker file records that it happened, so the restarted one goes on).
-    It waits a little first, so that Ray has registered that epoch's checkpoint."""
+    It waits a little first, so that Ray has registered that epoch's checkpoint. With ``hook['raises']``
+    (``oom``, ``nccl``) every worker raises that torch error instead, after every epoch from ``hook['epoch']``
+    on, on every attempt (rank 0 adds a line to the marker file each time)."""
+    if hook and hook.get("raises") and epoch >= int(hook["epoch"]):
+        _raise_for_test(hook, epoch, session)
     if not hook or session.rank != 0 or epoch != int(hook["epoch"]):
         return
     marker = Path(hook["marker"])
@@ -205,6 +209,22 @@ def _maybe_fail(hook: dict[str, Any] | None, epoch: int, session: Session) -> No
     marker.write_text(f"worker died after epoch {epoch}\n")
     time.sleep(session.hook_wait_s)
     os._exit(17)
+
+
+def _raise_for_test(hook: dict[str, Any], epoch: int, session: Session) -> None:
+    import torch  # see _train
+
+    if session.rank == 0:
+        marker = Path(hook["marker"])
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with marker.open("a") as fh:
+            fh.write(f"{hook['raises']} raised after epoch {epoch}\n")
+    if hook["raises"] == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB of which 1.06 GiB is free (raised by the test hook)")
+    raise torch.distributed.DistBackendError(
+        "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=42, OpType=ALLREDUCE) ran for "
+        "600000 milliseconds before timing out (raised by the test hook)")
 
 
 def checkpoint_due(trainer: Any, cfg: Config) -> bool:
