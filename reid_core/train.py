@@ -2,8 +2,9 @@
 [--resume CKPT] [--eval-only]``.
 
 Bad settings, datasets or checkpoint paths are reported as one ``error: ...`` line with exit code 2
-before any training starts; a training that diverges (a non-finite loss or key) stops the same way. Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it
-initialises torch.distributed and trains with DDP.
+before any training starts; a training that diverges (a non-finite loss or key) stops the same way.
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it initialises torch.distributed and
+trains with DDP.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ retries) and then reported like a deterministic error.
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -139,7 +140,13 @@ def read_trial_error(folder_uri: str, remove: bool = False) -> str | None:
     return message
 
 
+# An object's address in a message (PIL's "<_io.BytesIO object at 0x7f...>"): it differs between processes,
+# so that the same error of two trials would read as two errors (see study.driver.guards.SameErrorStopper).
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
 def error_line(exc: BaseException) -> str:
-    """An exception as one line: its type and the last line of its message."""
+    """An exception as one line: its type and the last line of its message (objects' addresses left out)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}".rstrip(": ")
+    text = _ADDRESS.sub(">", lines[-1].strip()) if lines else ""
+    return f"{type(exc).__name__}: {text}".rstrip(": ")

@@ -67,12 +67,13 @@ def test_data_error_not_retried_corrected_rerun_interrupt_and_resume(tmp_path):
     proc = run_cli([str(space), "--data-root", str(bad), "--storage", str(storage)], env)
     print(f"study with unreadable images: exit {proc.returncode} in {time.time() - start:.0f} s")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "error: every trial failed the same way, the study stopped: DatasetError: market1501: every " \
-           "training image" in proc.stderr
+    assert "error: every trial failed the same way, the study stopped: DatasetError: training identity " \
+           in proc.stderr
     assert "failed (not retried: a config or data error): DatasetError" in proc.stdout
     rows = read_csv(study / "results.csv")
     assert [r["status"] for r in rows] == ["ERROR", "ERROR"]
-    assert all(r["error"].startswith("DatasetError: ") and "unreadable" in r["error"] for r in rows)
+    assert all(r["error"].startswith("DatasetError: training identity ") and "images can be read" in r["error"]
+               and "object at 0x" not in r["error"] for r in rows)
     for row in rows:
         (folder,) = [p for p in study.iterdir() if p.is_dir() and f"_{row['trial_id']}_" in p.name]
         errors = folder / "error.txt"  # absent when the study stopped the trial before its failure arrived

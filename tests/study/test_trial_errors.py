@@ -16,6 +16,7 @@ import torch.distributed as dist
 import yaml
 
 from reid_core.config import ConfigError
+from reid_core.data.datasets import DatasetError
 from reid_core.engine.finite import NonFiniteError
 from study.space import SpaceError, parse_space
 from study.trial.errors import (GpuMemoryError, collective_errors, error_line, is_collective, is_deterministic,
@@ -37,6 +38,15 @@ def test_deterministic_errors_are_not_retried_and_crashes_are():
     assert not is_deterministic(RuntimeError("worker crashed"))
     assert not is_deterministic(dist.DistBackendError(NCCL_TIMEOUT))  # retried (once: see the worker loop)
     assert error_line(non_finite).startswith("NonFiniteError: non-finite loss/ce in training step 2")
+
+
+def test_error_lines_leave_out_object_addresses():
+    # the same unreadable file read by two trial processes: one message, so the study sees one error
+    first, second = (error_line(DatasetError(f"training identity 3: none of its 4 images can be read (e.g. a.jpg: "
+                                             f"cannot identify image file <_io.BytesIO object at {address}>)"))
+                     for address in ("0x7fd2734f4b30", "0x7f7202c06ca0"))
+    assert first == second == ("DatasetError: training identity 3: none of its 4 images can be read (e.g. a.jpg: "
+                               "cannot identify image file <_io.BytesIO object>)")
 
 
 def test_collective_errors_are_recognised_by_type_and_message():
@@ -66,7 +76,8 @@ def test_collective_errors_are_counted_in_the_trial_folder(tmp_path):
     assert collective_errors(folder) == 1
     record_collective_error(folder, dist.DistBackendError("NCCL error"))
     assert collective_errors(folder) == 2
-    assert "Watchdog caught collective operation timeout" in (tmp_path / "trial_00000" / "collective_errors.txt").read_text()
+    text = (tmp_path / "trial_00000" / "collective_errors.txt").read_text()
+    assert "Watchdog caught collective operation timeout" in text
 
 
 def test_a_fractional_gpu_caps_the_trial_process_memory():
