@@ -2,8 +2,9 @@
 [--resume CKPT] [--eval-only]``.
 
 Bad settings, datasets or checkpoint paths are reported as one ``error: ...`` line with exit code 2
-before any training starts. Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it
-initialises torch.distributed and trains with DDP.
+before any training starts; a training that diverges (a non-finite loss or key) stops the same way.
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it initialises torch.distributed and
+trains with DDP.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from reid_core.data import DatasetError
     from reid_core.engine.checkpoint import CheckpointError
+    from reid_core.engine.finite import NonFiniteError
     from reid_core.engine.trainer import Trainer
 
     started_dist = _init_distributed()
@@ -109,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics = {"epoch": trainer.epoch, **trainer.evaluate()} if args.eval_only else trainer.fit(on_epoch_end)
         metrics["skipped_images"] = trainer.skipped_images()  # every rank: a sum over ranks
+    except NonFiniteError as exc:  # the training diverged: the message names the step, the terms and the fix
+        return _fail(exc)
     finally:
         trainer.close()
         if started_dist:

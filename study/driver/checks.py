@@ -20,6 +20,10 @@ from study.space import SearchSpace, SpaceError, checked_params, plan
 from study.space.schema import NAME_RE
 
 FAIL_HOOK_ENV = "MOREID_STUDY_FAIL_AT_EPOCH"  # tests: "<epoch>:<marker file>", a worker dies once
+# tests, with FAIL_HOOK_ENV: "oom" or "nccl": instead of dying, every worker raises that error (torch's own
+# exception type) after each epoch from <epoch> on, every attempt; rank 0 adds a line to the marker file
+FAIL_RAISES_ENV = "MOREID_STUDY_FAIL_RAISES"
+FAIL_RAISES = ("oom", "nccl")
 STORAGE_WAIT_S = 10.0  # a storage URI that does not answer in this time is reported unreachable
 ADDRESS_WAIT_S = 5.0
 GCS_PROBE = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # an RPC every Ray head's GCS serves (empty request)
@@ -145,7 +149,10 @@ def fail_hook() -> dict[str, Any] | None:
     epoch, _, marker = text.partition(":")
     if not epoch.isdigit() or not marker:
         raise SpaceError(f"{FAIL_HOOK_ENV} must read '<epoch>:<marker file>', got {text!r}")
-    return {"epoch": int(epoch), "marker": marker}
+    raises = os.environ.get(FAIL_RAISES_ENV) or None
+    if raises is not None and raises not in FAIL_RAISES:
+        raise SpaceError(f"{FAIL_RAISES_ENV} must be one of {', '.join(FAIL_RAISES)}, got {raises!r}")
+    return {"epoch": int(epoch), "marker": marker, **({"raises": raises} if raises else {})}
 
 
 def run_preflight(space: SearchSpace, *, generate: bool, unseen: str, done: Preflight | None = None,

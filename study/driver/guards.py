@@ -1,4 +1,5 @@
-"""The driver's guards over trials that fail on a deterministic error (:mod:`study.trial.errors`): such a
+"""The driver's guards over trials that fail on a deterministic error (:mod:`study.trial.errors`: a config
+or data error, a non-finite loss or key, CUDA out-of-memory, a collective error after its one retry): such a
 trial is not retried, and the study stops when its first trials all failed on the same one."""
 from __future__ import annotations
 

@@ -251,6 +251,9 @@ def _parse_resources(raw: Mapping[str, Any], resources: Mapping[str, Any] | None
     if res.gpus_per_worker < 0 or res.cpus_per_worker < 0 or (res.gpus_per_worker == 0 and res.cpus_per_worker == 0):
         raise fail(f"resources: a worker needs CPUs or GPUs (cpus_per_worker={res.cpus_per_worker}, "
                    f"gpus_per_worker={res.gpus_per_worker})")
+    problem = res.gpu_share_problem(gpus_from_cli=(resources or {}).get("gpus_per_worker") is not None)
+    if problem:
+        raise fail(problem)
     retries = _parse_dataclass(Retries, raw.get("retries") or {}, "retries", fail)
     if retries.workers < -1 or retries.trials < -1:
         raise fail("retries.workers and retries.trials must be -1 (unlimited) or more")

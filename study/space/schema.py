@@ -132,12 +132,32 @@ class Scheduler:
 class Resources:
     max_concurrent: int = 1
     workers_per_trial: int = 1
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0  # below 1: one-worker trials only, whose CUDA memory is capped to the share
     cpus_per_worker: float = 1.0
+
+    def gpu_share_problem(self, gpus_from_cli: bool) -> str | None:
+        """Why the GPUs per worker cannot run, or None. A trial of several workers needs whole GPUs (NCCL
+        puts one rank on one GPU; two ranks on one GPU fail); above 1 Ray reserves whole GPUs only.
+        ``gpus_from_cli``: the value came from ``--gpus-per-worker`` (else from the space's resources)."""
+        gpus = self.gpus_per_worker
+        if gpus == int(gpus):
+            return None
+        where = "--gpus-per-worker" if gpus_from_cli else "--gpus-per-worker (the space's resources.gpus_per_worker)"
+        if gpus > 1:
+            return f"{where} {gpus:g}: more than one GPU per worker must be a whole number"
+        if self.workers_per_trial > 1:
+            return (f"{where} {gpus:g} with {self.workers_per_trial} workers per trial: a trial of several "
+                    f"workers needs whole GPUs (NCCL cannot put two ranks on one GPU); give --gpus-per-worker "
+                    f"1, or --workers-per-trial 1 to share GPUs between one-worker trials")
+        return None
 
 
 @dataclass
 class Retries:
+    """Retries of a failed trial. Errors that repeat on every attempt (config, data, a non-finite loss,
+    CUDA out-of-memory) are never retried, and a collective (NCCL) error at most once, whatever these say
+    (:mod:`study.trial.errors`)."""
+
     workers: int = 2  # Ray Train restarts of a trial's worker group (from its last checkpoint)
     trials: int = 1  # Ray Tune retries of a failed trial (from its last checkpoint)
 

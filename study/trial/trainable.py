@@ -81,7 +81,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     trial_folder = f"{setup.storage.rstrip('/')}/{setup.study}/{trial_dir}"
     loop = {"config": cfg, "eval_epochs": setup.eval_epochs, "metric": setup.metric, "mode": setup.mode,
             "fail_hook": setup.fail_hook, "dataset": setup.datasets.get(dataset_key(cfg)),
-            "trial_folder": trial_folder}  # what study.trial.worker.run_loop needs
+            "trial_folder": trial_folder, "gpu_share": setup.gpus_per_worker}  # what run_loop needs
     read_trial_error(trial_folder, remove=True)  # one left by an earlier attempt (a resumed study reruns errors)
     if setup.in_process:
         os.environ.update(setup.worker_env)  # what Train would have put in its workers' environment

@@ -48,7 +48,9 @@ from ray import tune
 from ray.tune import Checkpoint
 
 from reid_core.config import EVAL_METRICS, Config
-from study.trial.errors import TRIAL_ERROR_KEY, error_result, is_deterministic, write_trial_error
+from study.trial.errors import (COLLECTIVE_RETRIES, TRIAL_ERROR_KEY, CollectiveError, collective_errors, error_line,
+                                error_result, is_collective, is_deterministic, record_collective_error, translate,
+                                write_trial_error)
 
 CMC_RANKS = 20
 STATE_FILE = "study_state.json"
@@ -193,7 +195,11 @@ def result_of(train_metrics: dict[str, Any], state: dict[str, Any], start_epoch:
 def _maybe_fail(hook: dict[str, Any] | None, epoch: int, session: Session) -> None:
     """Test hook: the rank-0 worker process (the trial's process on the one-worker path) dies once after
     reporting ``hook['epoch']`` (a marker file records that it happened, so the restarted one goes on).
-    It waits a little first, so that Ray has registered that epoch's checkpoint."""
+    It waits a little first, so that Ray has registered that epoch's checkpoint. With ``hook['raises']``
+    (``oom``, ``nccl``) every worker raises that torch error instead, after every epoch from ``hook['epoch']``
+    on, on every attempt (rank 0 adds a line to the marker file each time)."""
+    if hook and hook.get("raises") and epoch >= int(hook["epoch"]):
+        _raise_for_test(hook, epoch, session)
     if not hook or session.rank != 0 or epoch != int(hook["epoch"]):
         return
     marker = Path(hook["marker"])
@@ -203,6 +209,22 @@ def _maybe_fail(hook: dict[str, Any] | None, epoch: int, session: Session) -> No
     marker.write_text(f"worker died after epoch {epoch}\n")
     time.sleep(session.hook_wait_s)
     os._exit(17)
+
+
+def _raise_for_test(hook: dict[str, Any], epoch: int, session: Session) -> None:
+    import torch  # see _train
+
+    if session.rank == 0:
+        marker = Path(hook["marker"])
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with marker.open("a") as fh:
+            fh.write(f"{hook['raises']} raised after epoch {epoch}\n")
+    if hook["raises"] == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB of which 1.06 GiB is free (raised by the test hook)")
+    raise torch.distributed.DistBackendError(
+        "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=42, OpType=ALLREDUCE) ran for "
+        "600000 milliseconds before timing out (raised by the test hook)")
 
 
 def checkpoint_due(trainer: Any, cfg: Config) -> bool:
@@ -241,10 +263,22 @@ def run_loop(loop_config: dict[str, Any], session: Session, entered_at: float) -
     ``eval_epochs`` (extra epochs to evaluate: ASHA rungs), ``metric``, ``mode``, ``fail_hook`` (tests),
     ``dataset`` (the driver's dataset index as an object reference, or None), ``trial_folder`` (the Tune
     trial's folder, where a deterministic error is written)."""
+    folder = loop_config.get("trial_folder")
+    collective_before = collective_errors(folder) if folder else 0  # every rank reads it before any error
     try:
         _train(loop_config, session, entered_at)
     except Exception as exc:
-        if not is_deterministic(exc):
+        cfg = loop_config["config"]
+        exc = translate(exc, batch_size=cfg.data.batch_size, world_size=session.world_size,
+                        gpu_share=float(loop_config.get("gpu_share", 0.0)))
+        if is_collective(exc) and not is_deterministic(exc):
+            if session.rank == 0 and folder:
+                record_collective_error(folder, exc)
+            if collective_before < COLLECTIVE_RETRIES:
+                raise  # retried once: it may be a passing fault of a node or link
+            exc = CollectiveError(f"{error_line(exc)} (a collective error again after {collective_before} "
+                                  f"retry: not retried again; check the nodes' GPUs and network)")
+        elif not is_deterministic(exc):
             raise  # a crash: retried from the last checkpoint (by Train, or by Tune on the one-worker path)
         # The same input fails the same way on every attempt: report it instead of raising, so that
         # neither Train nor Tune retries (the trainable raises it once the loop returned).
@@ -263,6 +297,9 @@ def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> 
     from reid_core.engine import Trainer
 
     imported = time.perf_counter()
+    note = cap_gpu_memory(float(loop_config.get("gpu_share", 0.0)))
+    if note:
+        print(note, flush=True)
     scratch = Path(tempfile.mkdtemp(prefix="moreid-trial-"))
     cfg: Config = copy.deepcopy(loop_config["config"])  # validated by the trainable; this copy writes to scratch
     cfg.train.output_dir = str(scratch)
@@ -293,6 +330,22 @@ def _train(loop_config: dict[str, Any], session: Session, entered_at: float) -> 
     finally:
         trainer.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def cap_gpu_memory(share: float) -> str:
+    """A one-worker trial that reserves ``share`` (0 < share < 1) of a GPU caps its CUDA memory to that share
+    (``torch.cuda.set_per_process_memory_fraction``), so that trials sharing a GPU cannot starve each other:
+    one that outgrows its share fails alone, on an out-of-memory error. Returns one line saying what it did
+    ('' for a whole GPU or none); without CUDA (Ray's declared GPUs only) it caps nothing."""
+    if not 0 < share < 1:
+        return ""
+    import torch  # see _train
+
+    if not torch.cuda.is_available():
+        return f"GPU share {share:g}: no CUDA device in this process, so no memory cap"
+    device = torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(share, device)
+    return f"GPU share {share:g}: CUDA memory of device {device} capped to {share:g} of it"
 
 
 def _device(cfg: Config, session: Session) -> Any:

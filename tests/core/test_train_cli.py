@@ -87,3 +87,14 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, extra, words):
 def test_cli_missing_config_file(tmp_path):
     done = _train("--config", str(tmp_path / "nope.yaml"))
     assert done.returncode == 2 and "nope.yaml" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_non_finite_loss_is_one_error_line_with_exit_code_2(tiny_root, tmp_path):
+    # lr 1e30: the first optimizer step blows the weights up, so the second step's loss and keys are NaN
+    done = _train("--config", str(CPU_CONFIG), *_tiny_sets(tiny_root, tmp_path / "run"), "--set", "optim.lr=1e30",
+                  "--set", "train.log_every=1")
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert err[0].startswith("error: non-finite ") and "in training step 2 " in err[0] and "optim.lr" in err[0]
+    assert "keys" in err[0] and not [line for line in done.stdout.splitlines() if line.startswith("final ")]

@@ -8,6 +8,12 @@
    finished exits 130 with "interrupted: 1 of 2 trials finished; resume with: <command>" and a partial
    results.md;
 3. that exact command, with a corrected --data-root (the data moved), resumes it to exit 0.
+
+Then errors of the training itself (two short studies): a non-finite loss (a real divergence, optim.lr 1e30)
+fails its trial once, not retried; a collective (NCCL) error is retried once and then ends its trial; CUDA
+out-of-memory in a one-worker trial holding half of a GPU that Ray only declares (RAY_OVERRIDE_RESOURCES)
+is not retried and says the per-worker batch and the GPU share. The OOM and NCCL errors are torch's own
+exception types, raised in the trial by the study's test hook (MOREID_STUDY_FAIL_RAISES).
 """
 from __future__ import annotations
 
@@ -19,9 +25,12 @@ import subprocess
 import sys
 import time
 
+import json
+
 import yaml
 
-from helpers import REPO, read_csv
+from helpers import REPO, read_csv, trial_progress, write_space
+from study.driver.checks import FAIL_HOOK_ENV, FAIL_RAISES_ENV
 from reid_core.data import synthetic
 
 
@@ -63,7 +72,8 @@ def test_data_error_not_retried_corrected_rerun_interrupt_and_resume(tmp_path):
     assert "failed (not retried: a config or data error): DatasetError" in proc.stdout
     rows = read_csv(study / "results.csv")
     assert [r["status"] for r in rows] == ["ERROR", "ERROR"]
-    assert all(r["error"].startswith("DatasetError: ") and "can be read" in r["error"] for r in rows)
+    assert all(r["error"].startswith("DatasetError: training identity ") and "images can be read" in r["error"]
+               and "object at 0x" not in r["error"] for r in rows)
     for row in rows:
         (folder,) = [p for p in study.iterdir() if p.is_dir() and f"_{row['trial_id']}_" in p.name]
         errors = folder / "error.txt"  # absent when the study stopped the trial before its failure arrived
@@ -111,3 +121,64 @@ def test_data_error_not_retried_corrected_rerun_interrupt_and_resume(tmp_path):
     assert [r["status"] for r in rows] == ["TERMINATED", "TERMINATED"]
     assert all(r["error"] == "" and r["skipped_images"] == "0" for r in rows)
     assert not (study / "results.md").read_text().startswith("**partial")
+
+
+def _trial_folder(study, trial_id):
+    (folder,) = [p for p in study.iterdir() if p.is_dir() and f"_{trial_id}_" in p.name]
+    return folder
+
+
+def test_non_finite_loss_not_retried_nccl_error_retried_once_and_oom_not_retried(tmp_path):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MOREID_CACHE": str(tmp_path / "cache")}
+    storage = tmp_path / "studies"
+    retries = {"workers": 2, "trials": 2}  # a budget that the errors below do not use
+
+    # A real divergence (lr 1e30: NaN loss and keys at step 2) and a trial whose workers raise an NCCL timeout.
+    marker = tmp_path / "nccl.txt"
+    space = write_space(tmp_path, "diverge", 2, {"optim.lr": {"type": "grid", "values": [1e30, 1e-3]}},
+                        retries=retries)
+    start = time.time()
+    proc = run_cli([str(space), "--storage", str(storage)],
+                   {**env, FAIL_HOOK_ENV: f"1:{marker}", FAIL_RAISES_ENV: "nccl"})
+    print(f"non-finite and NCCL study: exit {proc.returncode} in {time.time() - start:.0f} s")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = storage / "diverge"
+    rows = {float(r["optim.lr"]): r for r in read_csv(study / "results.csv")}
+    diverged, timed_out = rows[1e30], rows[1e-3]
+    assert diverged["status"] == "ERROR", diverged
+    assert diverged["error"].startswith("NonFiniteError: non-finite loss/ce, loss/metric, keys in training step 2 "
+                                        "(iteration 1: after 1 optimizer steps); stopped before enqueueing")
+    assert diverged["error"].count("non-finite") == 1 and "optim.lr" in diverged["error"]
+    assert len(trial_progress(study, diverged["trial_id"])) == 1  # the one error result: not retried
+    errors = _trial_folder(study, diverged["trial_id"]) / "error.txt"
+    assert not errors.exists() or errors.read_text().count("Failure #") == 1
+    assert f"{diverged['trial_id']} failed (not retried" in proc.stdout and \
+        f"{diverged['trial_id']} failed; retrying" not in proc.stdout
+
+    assert timed_out["status"] == "ERROR", timed_out
+    assert timed_out["error"].startswith("CollectiveError: DistBackendError: [Rank 0] Watchdog caught collective "
+                                         "operation timeout"), timed_out["error"]
+    assert "(a collective error again after 1 retry: not retried again" in timed_out["error"]
+    assert marker.read_text().splitlines() == ["nccl raised after epoch 1", "nccl raised after epoch 2"]
+    assert proc.stdout.count(f"{timed_out['trial_id']} failed; retrying from its last checkpoint") == 1
+    assert list(trial_progress(study, timed_out["trial_id"])["start_epoch"])[:2] == [0, 1]  # resumed once
+
+    # CUDA out-of-memory in a one-worker trial on half of a (declared) GPU.
+    marker = tmp_path / "oom.txt"
+    space = write_space(tmp_path, "oom", 2, {"optim.lr": {"type": "grid", "values": [1e-3]}}, retries=retries)
+    start = time.time()
+    proc = run_cli([str(space), "--storage", str(storage), "--gpus-per-worker", "0.5"],
+                   {**env, FAIL_HOOK_ENV: f"1:{marker}", FAIL_RAISES_ENV: "oom",
+                    "RAY_OVERRIDE_RESOURCES": json.dumps({"GPU": 1})})
+    print(f"OOM study: exit {proc.returncode} in {time.time() - start:.0f} s")
+    message = ("GpuMemoryError: CUDA out of memory with 8 images per worker (data.batch_size 8 over 1 worker(s)) "
+               "on 0.5 GPU per worker (--gpus-per-worker): lower data.batch_size, give each worker a larger GPU "
+               "share, or set train.amp=true (torch: OutOfMemoryError: CUDA out of memory. Tried to allocate "
+               "2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free (raised by the test "
+               "hook))")
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"error: every trial failed the same way, the study stopped: {message}" in proc.stderr
+    (row,) = read_csv(storage / "oom" / "results.csv")
+    assert row["status"] == "ERROR" and row["error"] == message
+    assert marker.read_text().splitlines() == ["oom raised after epoch 1"]  # not retried
+    assert "failed; retrying" not in proc.stdout
