@@ -118,8 +118,8 @@ class Progress(Callback):
         if result.get(CHECKPOINT_PATH_KEY) or trial.checkpoint:  # a checkpoint, the one a retry starts from
             self.checkpointed.add(trial.trial_id)
         if result.get(TRIAL_ERROR_KEY):
-            self._say(f"{trial.trial_id} failed (not retried: a config or data error): {result[TRIAL_ERROR_KEY]}",
-                      trials)
+            self._say(f"{trial.trial_id} failed (not retried: it would fail the same way again): "
+                      f"{result[TRIAL_ERROR_KEY]}", trials)
             return
         epoch = int(result.get("epoch", 0) or 0)
         self.epochs_done[trial.trial_id] = epoch

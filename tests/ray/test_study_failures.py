@@ -69,7 +69,7 @@ def test_data_error_not_retried_corrected_rerun_interrupt_and_resume(tmp_path):
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error: every trial failed the same way, the study stopped: DatasetError: training identity " \
            in proc.stderr and "images can be read" in proc.stderr
-    assert "failed (not retried: a config or data error): DatasetError" in proc.stdout
+    assert "failed (not retried: it would fail the same way again): DatasetError" in proc.stdout
     rows = read_csv(study / "results.csv")
     assert [r["status"] for r in rows] == ["ERROR", "ERROR"]
     assert all(r["error"].startswith("DatasetError: training identity ") and "images can be read" in r["error"]
