@@ -24,21 +24,21 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from reid_core.config import SyntheticConfig
+from reid_core.config import ModelConfig, SyntheticConfig
 from reid_core.data import synthetic
 from reid_core.data.datasets import read_synthetic
 from reid_core.data.loader import read_image
 from reid_core.data.normalize import PixelNormalize
 from reid_core.files import write_atomic
 from reid_core.models.backbone import build_backbone
-from reid_core.models.pretrained import default_cache_dir
+from reid_core.models.pretrained import default_cache_dir, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,25 @@ def ensure_pretrained(recipe: SyntheticPretrain, cache_dir: str | os.PathLike | 
             log.info("pretraining %s (key %s) into %s", recipe.arch, recipe.key(), target)
             pretrain(recipe, target, data_cache)
     return target
+
+
+def resolve_weights(spec: str, arch: str, *, ibn: bool, cache_dir: str | os.PathLike | None = None,
+                    **sources) -> Path | None:
+    """The local file ``model.pretrained = spec`` means: ``synthetic`` is this module's recipe for ``arch``
+    (made once into ``cache_dir``, minutes on a CPU); anything else as
+    :func:`reid_core.models.pretrained.resolve_pretrained` (``sources``: its keyword)."""
+    if spec == "synthetic":
+        return ensure_pretrained(SyntheticPretrain(arch=arch, ibn=bool(ibn)), cache_dir or None)
+    return resolve_pretrained(spec, arch, ibn=ibn, cache_dir=cache_dir, **sources)
+
+
+def with_resolved_weights(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``pretrained: synthetic`` replaced by its file (made when missing); other values as they
+    are (build_model resolves them)."""
+    if cfg.pretrained != "synthetic":
+        return cfg
+    path = resolve_weights(cfg.pretrained, cfg.arch, ibn=cfg.ibn, cache_dir=cfg.pretrained_cache or None)
+    return replace(cfg, pretrained=str(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import signal
 import socket
 import time
@@ -91,3 +92,18 @@ def stop_leftovers(pids: list[int], timeout: float) -> None:
     for pid in pids:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def ray_starts(commands: list[str]) -> list[tuple[dict[str, str], list[str], str]]:
+    """Each `ray start` in a list of shell commands: (its VAR=value prefix, its arguments, the whole command)."""
+    found = []
+    for command in commands:
+        for part in command.split("&&"):
+            words = shlex.split(part)
+            env = {}
+            while words and "=" in words[0] and not words[0].startswith("-"):
+                key, value = words.pop(0).split("=", 1)
+                env[key] = value
+            if words[:2] == ["ray", "start"]:
+                found.append((env, words[2:], command))
+    return found

@@ -60,6 +60,7 @@ from reid_core.evaluation import evaluate_features
 from reid_core.evaluation.features import extract_features_sharded, rank0_buffers
 from reid_core.models import build_model, compile_backbones
 from reid_core.moreid import STAT_NAMES, build_framework
+from reid_core.pretrain import with_resolved_weights
 
 # Training metric name -> key of StepOutput.stats it is read from.
 STAT_METRICS = {"hard/pos": "hard_pos", "hard/neg": "hard_neg", "dict/fill": "dict_fill"}
@@ -221,7 +222,7 @@ class Trainer:
         self.gallery_loader = build_test_loader(self.dataset.gallery, cfg.data, cfg.eval.batch_size, **shard)
         self.test_skipped = 0  # unreadable query/gallery images of every rank's shard, over all evaluations
 
-        self.model = build_model(cfg.model, self.num_classes)
+        self.model = build_model(with_resolved_weights(cfg.model), self.num_classes)
         self.framework = build_framework(cfg, self.model).to(self.device)
         if self.channels_last:
             self.framework.to(memory_format=torch.channels_last)

@@ -172,16 +172,16 @@ def resolve_pretrained(spec: str, arch: str, *, ibn: bool, cache_dir: str | os.P
     """The local file that ``model.pretrained = spec`` means, or None for random initialization.
 
     ``imagenet`` fetches (once) the official file for ``arch`` / ``ibn`` into ``cache_dir`` (default
-    :func:`default_cache_dir`); ``synthetic`` makes (once, minutes on a CPU) the backbone pretrained on
-    synthetic identities (:mod:`reid_core.pretrain`) there; a path must name an existing file. Call it in a study's driver before the
+    :func:`default_cache_dir`); a path must name an existing file. ``synthetic`` (a backbone pretrained on
+    synthetic identities) is :func:`reid_core.pretrain.resolve_weights`'s. Call it in a study's driver before the
     trials start and hand the trials the returned path.
     """
     if not spec:
         return None
     if spec == "synthetic":
-        # Imported here: reid_core.pretrain imports reid_core.models, whose __init__ imports this module.
-        from reid_core.pretrain import SyntheticPretrain, ensure_pretrained
-        return ensure_pretrained(SyntheticPretrain(arch=arch, ibn=bool(ibn)), cache_dir or None)
+        # Made by a training run, which sits above the models (reid_core.pretrain imports them).
+        raise PretrainedError("model.pretrained: synthetic is made by reid_core.pretrain: resolve it with "
+                              "reid_core.pretrain.resolve_weights (the trainer and the study's driver do)")
     if spec == "imagenet":
         source = sources.get((arch, bool(ibn)))
         if source is None:

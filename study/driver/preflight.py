@@ -327,17 +327,17 @@ def plan_weights(cfg: Config) -> str:
 
 def check_weights(cfg: Config, sources: dict[tuple[str, bool], Any]) -> WeightsCheck:
     """Resolve ``cfg.model.pretrained`` (``imagenet``: fetched once from ``sources`` into the cache, SHA-256
-    checked) and load it into a CPU backbone of ``cfg``'s architecture, strictly. Raises PreflightError
+    checked; ``synthetic``: made once into the cache) and load it into a CPU backbone of ``cfg``'s architecture, strictly. Raises PreflightError
     with the loader's message (a missing tensor, a shape mismatch, a failed fetch)."""
     from dataclasses import replace
 
     from reid_core.models import check_pretrained
-    from reid_core.models.pretrained import resolve_pretrained
+    from reid_core.pretrain import resolve_weights
 
     m = cfg.model
     try:
-        path = resolve_pretrained(m.pretrained, m.arch, ibn=m.ibn, cache_dir=m.pretrained_cache or None,
-                                  sources=sources)
+        path = resolve_weights(m.pretrained, m.arch, ibn=m.ibn, cache_dir=m.pretrained_cache or None,
+                               sources=sources)
         local = str(Path(path).resolve())
         _, report = check_pretrained(replace(m, pretrained=local))
     except (ConfigError, OSError) as exc:

@@ -14,7 +14,8 @@ import torch
 from reid_core.config import ModelConfig
 from reid_core.models.backbone import build_backbone
 from reid_core.models.model import build_model
-from reid_core.pretrain import SyntheticPretrain, ensure_pretrained
+from reid_core.models.pretrained import PretrainedError
+from reid_core.pretrain import SyntheticPretrain, ensure_pretrained, with_resolved_weights
 
 TOY = SyntheticPretrain(ids=8, cams=2, images_per_id_cam=2, height=32, width=16, epochs=1, batch_size=16)
 
@@ -51,7 +52,9 @@ def test_made_once_deterministic_and_loaded_strictly_through_model_pretrained(tm
     stand_in = cache / SyntheticPretrain().file_name()
     stand_in.write_bytes(first.read_bytes())
     cfg = ModelConfig(arch="resnet18", pretrained="synthetic", pretrained_cache=str(cache))
-    model = build_model(cfg, num_classes=5)
+    with pytest.raises(PretrainedError, match="resolve it with reid_core.pretrain.resolve_weights"):
+        build_model(cfg, num_classes=5)  # made by a training run, above the models: resolved first
+    model = build_model(with_resolved_weights(cfg), num_classes=5)
     assert model.backbone.pretrained_report.path == str(stand_in)
     assert torch.equal(model.backbone.state_dict()["conv1.weight"], a["backbone.conv1.weight"])
     assert sorted(p.name for p in cache.iterdir()) == [stand_in.name]  # nothing trained, no lock taken

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,48 +34,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import free_port, process_tree, ray_starts
+
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180
 DRIVER_TIMEOUT_S = 180
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
-
-
-def ray_start_commands(commands: list[str]) -> list[tuple[dict[str, str], list[str]]]:
-    """Each `ray start` in a cluster file's command list: (its VAR=value prefix, its arguments)."""
-    found = []
-    for command in commands:
-        for part in command.split("&&"):
-            words = shlex.split(part)
-            env = {}
-            while words and "=" in words[0] and not words[0].startswith("-"):
-                key, value = words.pop(0).split("=", 1)
-                env[key] = value
-            if words[:2] == ["ray", "start"]:
-                found.append((env, words[2:]))
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _process_tree(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        todo.extend(parents.get(current, []))
-    return out
 
 
 def _pids_naming(text: str) -> list[int]:
@@ -113,7 +76,7 @@ class Head:
         self.home.mkdir()
         self.stranger.mkdir()
         self.temp_dir = tempfile.mkdtemp(prefix="ra", dir="/tmp")  # short: socket paths stay < 108 bytes
-        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.port, self.dashboard_port = free_port(), free_port()
         self.base_env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
         self.base_env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
         self.process: subprocess.Popen | None = None
@@ -141,16 +104,16 @@ class Head:
         """The head's `ray start` from cluster-onprem.yaml (its environment, its arguments) with this
         machine's ports, node address, temp dir and CPU count; `--block`, so that it is one process tree."""
         config = yaml.safe_load((REPO / "cluster-onprem.yaml").read_text())
-        (env, args), = [c for c in ray_start_commands(config["head_start_ray_commands"]) if "--head" in c[1]]
+        (env, args), = [c for c in [(env, args) for env, args, _ in ray_starts(config["head_start_ray_commands"])] if "--head" in c[1]]
         machine_specific = ("--port=", "--autoscaling-config=")
         args = [a for a in args if not a.startswith(machine_specific)]
         return env, [sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--block", "--disable-usage-stats",
                      f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                      "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=1",
-                     "--object-store-memory=80000000", f"--ray-client-server-port={_free_port()}",
-                     f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                     f"--dashboard-agent-grpc-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-                     f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+                     "--object-store-memory=80000000", f"--ray-client-server-port={free_port()}",
+                     f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                     f"--dashboard-agent-grpc-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                     f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
     def start(self) -> None:
         env, command = self.command(self.temp_dir)
@@ -168,7 +131,7 @@ class Head:
                     f"{self.process.poll()}); see {self.log.name}")
 
     def stop(self) -> None:
-        pids = set(_process_tree(self.process.pid)) if self.process else set()
+        pids = set(process_tree(self.process.pid)) if self.process else set()
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node on SIGTERM
             try:
@@ -222,13 +185,13 @@ def test_head_without_its_token_refuses_to_start(head, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     env, command = head.command(temp_dir)
     command = [a for a in command if not a.startswith(("--port=", "--dashboard-port="))]
-    command += [f"--port={_free_port()}", f"--dashboard-port={_free_port()}"]
+    command += [f"--port={free_port()}", f"--dashboard-port={free_port()}"]
     process = subprocess.Popen(command, env={**head.base_env, **env, "HOME": str(head.stranger)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = process.communicate(timeout=90)
     except subprocess.TimeoutExpired:
-        pids = set(_process_tree(process.pid)) | set(_pids_naming(temp_dir))
+        pids = set(process_tree(process.pid)) | set(_pids_naming(temp_dir))
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)

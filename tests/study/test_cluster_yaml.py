@@ -7,14 +7,16 @@ instance profiles (cluster/aws policies), the on-prem firewall."""
 from __future__ import annotations
 
 import copy
-import shlex
 from pathlib import Path
 
 import click
 import jsonschema
 import pytest
 import yaml
+
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from helpers import ray_starts
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
 ONPREM_YAML = CLUSTER_YAML.with_name("cluster-onprem.yaml")
@@ -98,21 +100,6 @@ def test_cluster_onprem_shape_fits_the_study():
 
 README = CLUSTER_YAML.with_name("README.md")
 AWS_POLICIES = CLUSTER_YAML.parent / "cluster" / "aws"
-
-
-def ray_starts(commands: list[str]) -> list[tuple[dict[str, str], list[str], str]]:
-    """Each `ray start` in a list of shell commands: (its VAR=value prefix, its arguments, the whole command)."""
-    found = []
-    for command in commands:
-        for part in command.split("&&"):
-            words = shlex.split(part)
-            env = {}
-            while words and "=" in words[0] and not words[0].startswith("-"):
-                key, value = words.pop(0).split("=", 1)
-                env[key] = value
-            if words[:2] == ["ray", "start"]:
-                found.append((env, words[2:], command))
-    return found
 
 
 @pytest.mark.parametrize("path", [CLUSTER_YAML, ONPREM_YAML], ids=["aws", "onprem"])

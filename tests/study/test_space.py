@@ -49,13 +49,15 @@ def test_every_shipped_space_passes_the_dry_run(capsys):
         assert "batch: " in out and "images per step (global" in out
         if path.stem in ("quickstart", "fidelity"):  # the CPU demos: random init
             assert "pretrained: none (random init)" in out
+        elif path.stem == "fidelity_pretrained":  # the CPU study from a start pretrained here
+            assert "pretrained: synthetic (R18 pretrained on synthetic identities disjoint from the study's" in out
         else:  # the paper's spaces: ImageNet, said (a dry run fetches and loads nothing)
             assert "pretrained: imagenet (R50-IBN-a, fetched once into /mnt/shared/weights" in out
     assert not Path("/mnt/shared/weights").exists()
 
 
 def test_paper_spaces_run_the_authors_global_batches_from_imagenet_weights(capsys):
-    for name in EXPECTED_SPACES - {"quickstart", "fidelity"}:
+    for name in EXPECTED_SPACES - {"quickstart", "fidelity", "fidelity_pretrained"}:  # the CPU studies
         space = load_space(name)
         b = space.base
         assert (b["model.pretrained"], b["model.pretrained_cache"]) == ("imagenet", "/mnt/shared/weights"), name
