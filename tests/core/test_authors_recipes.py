@@ -29,11 +29,14 @@ RECIPES = {
         "train.epochs": 60}),
     "market1501": ((64, 16, 1), {
         "data.height": 384, "data.width": 128, "model.arch": "resnet101", "optim.name": "adam", "optim.lr": 3e-3,
-        "optim.warmup_iters": 2000, "optim.freeze_iters": 1000, "train.epochs": 60}),
+        "optim.eta_min": 7e-7, "optim.warmup_iters": 2000, "optim.freeze_iters": 1000, "train.epochs": 60}),
+    # The release builds VeRi-Wild on FastReID's Base-bagtricks.yml: no non-local block, a linear classifier,
+    # the feature before the BNNeck, no AutoAugment, no FREEZE_LAYERS (so its FREEZE_ITERS 2500 freezes nothing).
     "veriwild": ((512, 4, 4), {
         "data.height": 256, "data.width": 256, "model.arch": "resnet50", "optim.name": "sgd", "optim.lr": 0.02,
-        "optim.momentum": 0.9, "optim.eta_min": 7e-7, "optim.warmup_iters": 5000, "optim.freeze_iters": 2500,
-        "train.epochs": 120}),
+        "optim.momentum": 0.9, "optim.eta_min": 7e-7, "optim.warmup_iters": 5000, "optim.freeze_iters": 0,
+        "train.epochs": 120, "model.non_local": False, "model.classifier": "linear", "model.test_feature": "before_bn",
+        "data.autoaug": False}),
 }
 MOREID = {"framework.name": "moreid", "framework.momentum": 0.997, "framework.dict_size": 8192,
           "loss.name": "he", "loss.he_scale": 1.0}
@@ -52,6 +55,12 @@ def test_recipe_holds_the_authors_settings(dataset, twin):
     expected = {**COMMON, **settings, **(MOREID if twin == "moreid_he" else {"framework.name": "baseline",
                                                                             "loss.name": "triplet",
                                                                             "loss.margin": 0.0})}
+    if not expected["model.non_local"]:
+        expected.pop("model.non_local_form")
+    if expected["model.classifier"] == "linear":
+        expected.pop("model.cls_scale"), expected.pop("model.cls_margin")
+    if not expected["data.autoaug"]:
+        expected.pop("data.autoaug_prob")
     got = {key: _get(cfg, key) for key in expected}
     assert got == expected
     # data.batch_size is the global batch (FastReID's IMS_PER_BATCH), whole identities per worker.
