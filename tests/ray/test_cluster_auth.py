@@ -2,7 +2,7 @@
 cluster's token drives it.
 
 The head's `ray start` command and its environment are read from `cluster-onprem.yaml` (the same command as
-`cluster.yaml` and README's hand-started cluster, which tests/test_cluster_yaml.py holds equal), so this test
+`cluster.yaml` and README's hand-started cluster, which tests/study/test_cluster_yaml.py holds equal), so this test
 follows the files: only the ports (free ones), the node address (127.0.0.1), the temp dir and the CPU count
 are this machine's. The token is made by Ray's own command, as the files tell the user, in a private HOME
 (its default place, ``~/.ray/auth_token``). The head runs with `--block` and is stopped by process id; no
