@@ -146,7 +146,7 @@ class TrainStep:
             out = self.framework(images, labels, instances=self.instances)
         keep = self.guard.update(out.finite, self.iteration)
         self.scaler.scale(out.loss).backward()
-        freeze = self.iteration < self.cfg.optim.freeze_iters
+        freeze = self.freeze.frozen(self.iteration)
         clip = self.cfg.optim.grad_clip
         if freeze or clip > 0:
             self.scaler.unscale_(self.optimizer)
